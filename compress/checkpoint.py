@@ -1,0 +1,320 @@
+"""Save and load every stage's output format, and the round-trip check that proves a save is faithful.
+
+Formats (detected from config.json's `quantization_config`):
+
+    plain     ordinary HF checkpoint (any dtype)          -> AutoModelFor*.from_pretrained
+    gptq      GPTQ v1 packed int32 qweight/qzeros/scales  -> our QuantLinear (dequantizes in torch)
+    bnb-int8  bitsandbytes LLM.int8() weight + SCB        -> bitsandbytes Linear8bitLt
+
+Every checkpoint is a folder of safetensors + config.json + tokenizer files that transformers (and, for the
+quantized formats, transformers with optimum+gptqmodel or bitsandbytes) loads as is. Pickled weights
+(`pytorch_model.bin`) are refused unless the caller passes `allow_pickle=True`; `trust_remote_code` is off
+unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compress.errors import CompressError
+
+WEIGHT_GLOBS = ("*.safetensors",)
+PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    tolerance: float                       # max relative logit error the round-trip check accepts
+    prepare: Callable | None = None        # (skeleton, quantization_config) -> None: swap modules before loading
+
+
+def _gptq_prepare(model, qc):
+    from compress.algorithms import gptq
+
+    gptq.prepare_for_load(model, qc)
+
+
+def _int8_prepare(model, qc):
+    from compress.algorithms import int8
+
+    int8.prepare_for_load(model, qc)
+
+
+# Reloading the very tensors we saved must give the same logits; quantized formats may re-derive caches
+# (dequantized weights, int8 kernels) in a different order of operations, hence their looser bound.
+FORMATS = {
+    "plain": Format("plain", tolerance=1e-5),
+    "gptq": Format("gptq", tolerance=1e-3, prepare=_gptq_prepare),
+    "bnb-int8": Format("bnb-int8", tolerance=1e-2, prepare=_int8_prepare),
+}
+
+
+def format_of(config: dict) -> str:
+    """The format name of a checkpoint from its config.json dict."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return "plain"
+    method = qc.get("quant_method")
+    if method == "gptq":
+        return "gptq"
+    if method == "bitsandbytes" and qc.get("load_in_8bit"):
+        return "bnb-int8"
+    raise CompressError(f"unsupported quantization_config.quant_method {method!r} (supported: gptq, bitsandbytes 8-bit)")
+
+
+# --------------------------------------------------------------------------------------------- resolving
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be contacted: offline env vars set, or huggingface.co unreachable in 2 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes"):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve(spec: str) -> Path:
+    """Turn a model spec (local folder, `zoo:NAME`, or HF hub id) into a local folder, or fail in one line."""
+    if spec.startswith("zoo:"):
+        from compress import zoo
+
+        return zoo.model_path(spec[4:])
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CompressError(f"model {spec!r} is a file; give the folder that holds config.json")
+        return path
+    if not looks_like_hub_id(spec):
+        raise CompressError(f"model {spec!r} is neither a local folder nor a Hugging Face hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        if hub_offline():
+            return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(spec, allow_patterns=patterns))
+    except Exception as e:  # the hub client raises many types; all mean "could not get it"
+        where = "the hub is offline and it is not in the local HF cache" if hub_offline() else str(e).splitlines()[0]
+        raise CompressError(f"model {spec!r} is not a local folder, and {where}") from None
+
+
+def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
+    """Validate a checkpoint folder before loading it; return its config.json dict."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CompressError(f"{folder} has no config.json: not a model checkpoint folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"{cfg_path} is corrupt: {e}") from None
+    has_st = any(p for g in WEIGHT_GLOBS for p in folder.glob(g))
+    has_pickle = any(p for g in PICKLE_GLOBS for p in folder.glob(g))
+    if not has_st:
+        if has_pickle and not allow_pickle:
+            raise CompressError(
+                f"{folder} holds only pickled weights (.bin/.pt), which can run arbitrary code when loaded; "
+                "set `allow_pickle: true` in the pipeline if you trust it"
+            )
+        if not has_pickle:
+            raise CompressError(f"{folder} has no weights (*.safetensors)")
+    return config
+
+
+def auto_class(config: dict):
+    """The transformers Auto class matching the checkpoint's head."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    arch = (config.get("architectures") or [""])[0]
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return AutoModelForCausalLM
+    if arch.endswith("ForMaskedLM"):
+        return AutoModelForMaskedLM
+    return AutoModel
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def load(
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer) from a checkpoint folder in any of FORMATS, in eval mode on `device`."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    config = check_folder(folder, allow_pickle)
+    fmt = FORMATS[format_of(config)]
+    try:
+        if fmt.prepare is None:
+            model = auto_class(config).from_pretrained(
+                folder, dtype="auto", use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
+            )
+        else:
+            model = _load_quantized(folder, config, fmt, trust_remote_code)
+    except CompressError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CompressError(f"cannot load checkpoint {folder}: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def _load_quantized(folder: Path, config: dict, fmt: Format, trust_remote_code: bool):
+    """Build the float skeleton from config, swap in the format's modules, then load the saved tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    qc = dict(config["quantization_config"])
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    dtype = _config_dtype(config)
+    model = auto_class(config).from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    fmt.prepare(model, qc)
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = _tied_keys(model)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CompressError(
+            f"checkpoint {folder} does not match its {fmt.name} skeleton: "
+            f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    if tied:
+        model.tie_weights()
+    model.config.quantization_config = qc
+    return model
+
+
+def _config_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def _tied_keys(model) -> set[str]:
+    """State-dict keys that are tied to another parameter (e.g. lm_head.weight with tied embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    out = model.get_output_embeddings()
+    if out is None:
+        return set()
+    return {n + ".weight" for n, m in model.named_modules() if m is out}
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def save(model, tokenizer, folder: str | Path) -> None:
+    """Write safetensors + config.json (+ generation_config) + tokenizer into `folder` (created)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size="4GB")
+    else:
+        # Quantized modules hold packed buffers that save_pretrained's quantizer hooks do not know; write the
+        # state dict ourselves (tied duplicates dropped, contiguous CPU tensors) and the config with qc in it.
+        tied = _tied_keys(model)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = dict(qc) if not isinstance(qc, dict) else qc
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder's model files (no caches, no pickles) into dst."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not any(f.match(g) for g in PICKLE_GLOBS):
+            shutil.copy2(f, dst / f.name)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the names and bytes of a checkpoint's model files (weights, config, tokenizer)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name == "manifest.json":
+            continue
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def probe_input(model, n: int = 2, length: int = 16) -> torch.Tensor:
+    """A fixed small batch of token ids (seeded, independent of the global RNG) for logit comparisons."""
+    g = torch.Generator().manual_seed(1234)
+    vocab = int(getattr(model.config, "vocab_size", 256))
+    return torch.randint(0, vocab, (n, length), generator=g)
+
+
+@torch.no_grad()
+def outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (LM heads) or last hidden states (bare encoders) in float32 on CPU."""
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device))
+    t = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return t.float().cpu()
+
+
+def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a|: one number that is 0 for identical outputs and scale-free otherwise."""
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def round_trip(model, folder: Path, device, trust_remote_code: bool = False) -> dict:
+    """Reload `folder` through load() and compare its outputs with the in-memory `model` on a fixed input."""
+    config = check_folder(folder)
+    fmt = FORMATS[format_of(config)]
+    ids = probe_input(model)
+    expected = outputs(model, ids)
+    reloaded, _ = load(folder, device=device, trust_remote_code=trust_remote_code)
+    err = max_rel_error(expected, outputs(reloaded, ids))
+    del reloaded
+    if not err <= fmt.tolerance:  # also catches NaN
+        raise CompressError(
+            f"round-trip check failed for {folder.name}: reloaded logits differ by {err:.3g} (relative), "
+            f"above the {fmt.name} format's tolerance {fmt.tolerance:g}; the checkpoint is not faithful"
+        )
+    return {"max_rel_error": err, "tolerance": fmt.tolerance, "format": fmt.name}

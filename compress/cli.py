@@ -1,0 +1,186 @@
+"""The `compress` command line: thin wrappers that parse, call the library, and print.
+
+Every user error is one line on stderr (`error: ...`) with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+DEFAULT_PIPELINE = "pipelines/default.yaml"
+
+
+class _Group(click.Group):
+    """Turns CompressError into a one-line message + exit 2, and Ctrl-C into exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CompressError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished stages are kept; rerun the same command to continue", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="compress")
+def main():
+    """compress: make a Hugging Face model smaller, cheaper and still accurate.
+
+    A YAML pipeline chains stages (cast, prune, train, distill, gptq, int8, eval). Every stage writes a
+    deployable safetensors checkpoint and a manifest.json (size, memory, accuracy, provenance) under
+    artifacts/<name>/, so you can compare stages and ship the smallest model that meets your bar.
+
+    \b
+    Quick start:
+      compress run                                  # the default demo (pipelines/default.yaml)
+      compress run pipelines/tiny-smoke.yaml        # seconds, on a tiny random model
+      compress stages                               # what each stage does and its settings
+      compress report artifacts/default             # table + Pareto plot of a run
+    """
+
+
+def _quiet_libraries() -> None:
+    """Silence transformers' per-load progress bars and info logs; our own bars and lines say what runs."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@main.command()
+@click.argument("pipeline_file", required=False, default=DEFAULT_PIPELINE, type=click.Path(dir_okay=False))
+@click.option("--out", "out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
+              help="Root folder for run outputs; the run goes to OUT/<pipeline name>/.")
+@click.option("--force", is_flag=True, help="Redo every stage even if its manifest says it is up to date.")
+@click.option("--dry-run", is_flag=True, help="Only validate the pipeline (YAML, stages, keys, model, data).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run(pipeline_file, out, force, dry_run, quiet):
+    """Run a pipeline YAML: every stage -> checkpoint + manifest.json.
+
+    \b
+    Examples:
+      compress run                                   # pipelines/default.yaml
+      compress run pipelines/tiny-smoke.yaml --out /tmp/runs
+      compress run my.yaml --dry-run                 # validate only, load nothing
+      compress run my.yaml --force                   # redo finished stages
+
+    A rerun skips stages whose input and config are unchanged (it says so); a stage that was interrupted
+    is redone, the stages before it are kept.
+    """
+    from compress import pipeline
+
+    _quiet_libraries()
+    pipe = pipeline.load(pipeline_file)
+    if dry_run:
+        pipeline.check_model_spec(pipe.model)
+        click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
+                   + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
+        return
+
+    def show(res):
+        word = {"done": "done", "skipped": "skipped (up to date)", "re-evaluated": "re-evaluated (eval changed)"}
+        _log(f"[{res.folder}] {word[res.status]}")
+
+    results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show)
+    click.echo(summary_table([r.manifest for r in results], [r.status for r in results]))
+    click.echo(f"\nrun folder: {Path(out) / pipe.name}")
+
+
+def summary_table(manifests: list[dict], statuses: list[str] | None = None) -> str:
+    """A plain-text table of a run's stages: size, memory, perplexity (change vs base), speed, time."""
+    sources = []
+    for m in manifests:
+        for s in (m.get("accuracy") or {}).get("perplexity", {}):
+            if s not in sources:
+                sources.append(s)
+    base_ppl = {s: v["value"] for s, v in (manifests[0].get("accuracy") or {}).get("perplexity", {}).items()} \
+        if manifests else {}
+    head = ["stage", "status", "format", "params", "disk MB", "bits/w", "peak MB"] + \
+        [f"ppl {s}" for s in sources] + ["tok/s", "seconds"]
+    rows = []
+    for i, m in enumerate(manifests):
+        ppl = (m.get("accuracy") or {}).get("perplexity", {})
+        cells = [
+            m["folder"], (statuses[i] if statuses else ""), m.get("format", ""),
+            _human(m["size"]["params"]), f"{m['size']['disk_bytes'] / 1e6:.1f}",
+            f"{m['size']['bits_per_weight']:.2f}" if m["size"].get("bits_per_weight") else "-",
+            f"{m['memory']['measured_peak_bytes'] / 1e6:.0f}" if m["memory"].get("measured_peak_bytes") is not None else "-",
+        ]
+        for s in sources:
+            if s in ppl:
+                v = ppl[s]["value"]
+                rel = f" ({100 * (v / base_ppl[s] - 1):+.1f}%)" if s in base_ppl and m["index"] else ""
+                cells.append(f"{v:.3f}{rel}")
+            else:
+                cells.append("-")
+        tps = (m.get("speed") or {}).get("eval_tokens_per_s")
+        cells += [f"{tps:.0f}" if tps else "-", f"{m.get('seconds', 0):.1f}"]
+        rows.append(cells)
+    widths = [max(len(str(r[c])) for r in [head] + rows) for c in range(len(head))]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+@main.command()
+def stages():
+    """List every stage with its settings, defaults and what they do.
+
+    \b
+    Example:
+      compress stages
+    """
+    import dataclasses
+    import inspect
+
+    from compress.stages import STAGES
+
+    for name, module in STAGES.items():
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name}: {doc.split(': ', 1)[-1]}")
+        comments = _field_comments(inspect.getsource(module.Config))
+        for f in dataclasses.fields(module.Config):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            click.echo(f"    {f.name} = {default!r}" + (f"    # {comments[f.name]}" if f.name in comments else ""))
+        click.echo("")
+
+
+def _field_comments(source: str) -> dict[str, str]:
+    """Field name -> its trailing `# why` comment in a Config dataclass's source."""
+    out = {}
+    for line in source.splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and not s.startswith(("#", "def", "class", "@")):
+            name = s.split(":", 1)[0].strip()
+            if name.isidentifier():
+                out[name] = s.split("#", 1)[1].strip()
+    return out
+
+
+def entry() -> None:  # pragma: no cover - console script shim
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

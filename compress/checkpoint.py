@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from compress.errors import CompressError
 
@@ -176,7 +177,7 @@ def load(
             model = _load_quantized(folder, config, fmt, trust_remote_code)
     except CompressError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CompressError(f"cannot load checkpoint {folder}: {str(e).splitlines()[0]}") from None
     model.to(device)
     model.eval()

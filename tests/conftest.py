@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and the suite's tests are many small forwards: avoid the
+# thread-pool overhead (and oversubscription when other jobs share the cores).
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,10 +1,11 @@
 """The stage registry: YAML stage name -> module with NAME, Config and run(). A literal dict, on purpose."""
 
-from compress.stages import cast, train
+from compress.stages import cast, prune, train
 from compress.stages import eval as eval_stage
 
 STAGES = {
     "cast": cast,
+    "prune": prune,
     "train": train,
     "eval": eval_stage,
 }

@@ -203,7 +203,7 @@ def _load_quantized(folder: Path, config: dict, fmt: Format, trust_remote_code: 
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(f))
-    result = model.load_state_dict(state, strict=False, assign=True)
+    result = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:

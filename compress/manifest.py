@@ -121,9 +121,10 @@ def count_params(model) -> int:
     seen: set[int] = set()
     total = 0
     for module in model.modules():
-        logical = getattr(module, "logical_numel", None)
-        if callable(logical):
-            total += logical()
+        if "qweight" in module._buffers:  # a packed quantized linear (GPTQ): it stands for in x out weights
+            total += module.in_features * module.out_features
+            bias = getattr(module, "bias", None)
+            total += bias.numel() if bias is not None else 0
             for t in module.parameters(recurse=False):
                 seen.add(t.data_ptr())
             for t in module.buffers(recurse=False):

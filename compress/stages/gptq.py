@@ -1,0 +1,398 @@
+"""Stage `gptq`: GPTQ (or RTN) weight-only quantization of every linear inside the decoder blocks, GPTQ v1 format.
+
+Paper: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+https://arxiv.org/abs/2210.17323. The core (Hessian, Cholesky inverse, lazy block updates, packing) is
+compress/algorithms/gptq.py; this module is the glue that walks the model:
+
+    - gptq: {bits: 4, group_size: 128, act_order: false, nsamples: 128, seq_len: 512}
+    - gptq: {method: rtn, bits: 4, group_size: 128}        # round-to-nearest baseline, no calibration
+
+Layer by layer: the calibration tokens run through the embeddings once (a hook on block 0 records its inputs and
+stops the forward), then each block is quantized with inputs that are the outputs of the already quantized
+previous block, so memory holds one block plus the activations. Inside a block "true sequential" order holds:
+linears reading the same tensor form a group (Llama: q/k/v, o, gate/up, down), each group sees inputs produced by
+the already quantized earlier groups, and the linears of a group share one Hessian and are quantized as one stacked
+matrix. Calibration text comes from the pipeline's `data.calibration` (or this stage's `calibration:`), as
+`nsamples` random windows of `seq_len` tokens from its train split, seeded by the pipeline seed.
+
+The returned model holds QuantLinear modules (packed qweight/qzeros/scales/g_idx), everything else in `dtype`
+(float16 by default, as GPTQ checkpoints are), and `config.quantization_config` set for a v1 checkpoint that
+transformers (+optimum+gptqmodel), GPTQModel and vLLM load.
+
+Not supported: GPTQ v2 format, 3-bit layers whose out_features is not a multiple of 32, MoE experts that get no
+calibration tokens, encoder-decoder models, quantizing lm_head or embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compress.algorithms.gptq import (
+    BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
+)
+from compress.errors import CompressError
+from compress.modeling import (
+    StopForward, call_block, capture_layer_inputs, decoder_layers_with_name, linear_weight, linears, move,
+    set_submodule, trace_block,
+)
+
+NAME = "gptq"
+METHODS = ("gptq", "rtn")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Config:
+    method: str = "gptq"            # gptq (Hessian-aware, needs calibration) or rtn (round to nearest, the baseline)
+    bits: int = 4                   # 2, 3, 4 or 8 bits per weight
+    group_size: int = 128           # input columns sharing one scale/zero; -1 = one per output channel
+    sym: bool = True                # symmetric grid (zero fixed at the middle); false = asymmetric per-group zero
+    act_order: bool = False         # desc_act: quantize columns by decreasing Hessian diagonal (better at 2-3 bits)
+    static_groups: bool = False     # with act_order: groups fixed on the original column order (g_idx monotone)
+    true_sequential: bool = True    # each linear group sees inputs from the already quantized earlier groups
+    damp_percent: float = 0.01      # dampening added to diag(H), as a fraction of its mean (doubled on failure)
+    block_size: int = 128           # columns per lazy batch update; affects speed only
+    nsamples: int = 128             # calibration sequences (the paper uses 128)
+    seq_len: int = 512              # tokens per calibration sequence (paper: 2048; 512 keeps CPU runs in minutes)
+    batch_size: int = 8             # sequences per forward through a block (memory vs speed)
+    calibration: str | None = None  # text source for calibration; default: the pipeline's data.calibration
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])  # linears kept in full precision (name, suffix or regex)
+    dtype: str = "float16"          # dtype of everything not quantized (embeddings, norms, lm_head, bias)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise CompressError(f"gptq: method must be one of {METHODS}, got {self.method!r}")
+        if self.bits not in BITS:
+            raise CompressError(f"gptq: bits must be one of {BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise CompressError(f"gptq: group_size must be -1 (per output channel) or >= 1, got {self.group_size}")
+        if self.static_groups and not self.act_order:
+            raise CompressError("gptq: static_groups only matters with act_order: true; remove it or set act_order")
+        if not 0 < self.damp_percent < 1:
+            raise CompressError(f"gptq: damp_percent must be in (0, 1), got {self.damp_percent}")
+        for name in ("block_size", "nsamples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CompressError(f"gptq: {name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise CompressError(f"gptq: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.skip, list) or not all(isinstance(s, str) for s in self.skip):
+            raise CompressError(f"gptq: skip must be a list of module names, got {self.skip!r}")
+
+
+def run(model, tokenizer, cfg: Config, ctx):
+    """Quantize `model` in place; return it (QuantLinear modules, quantization_config set) and stats."""
+    t0 = time.perf_counter()
+    calib_stats = None
+    tokens = None
+    if cfg.method == "gptq":
+        tokens, calib_stats = calibration_tokens(tokenizer, cfg, ctx)
+    stats = quantize_model(model, cfg, ctx, tokens)
+    if calib_stats is not None:
+        stats["calibration"] = calib_stats
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return model, stats
+
+
+def calibration_tokens(tokenizer, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
+    """(token ids [nsamples, seq_len], fingerprint stats) from the configured calibration source."""
+    spec = cfg.calibration or (ctx.data or {}).get("calibration")
+    if not spec:
+        raise CompressError("gptq needs calibration text: set data.calibration in the pipeline (e.g. zoo:austen) "
+                            "or calibration: in the stage, or use method: rtn")
+    from compress import data
+
+    tokens = data.calibration_blocks(tokenizer, spec, cfg.nsamples, cfg.seq_len, ctx.seed)
+    return tokens, calibration_fingerprint(tokens, spec, ctx.seed)
+
+
+def calibration_fingerprint(tokens: torch.Tensor, source: str | None, seed: int | None) -> dict:
+    """What the manifest records about the calibration set: source, shape, seed and a hash of the token ids."""
+    digest = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"source": source, "nsamples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
+            "seed": seed, "tokens_sha256": digest}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | None = None) -> dict:
+    """Replace the linears of every decoder block by QuantLinear (GPTQ with `tokens` [n, T], or RTN); return stats."""
+    if cfg.method == "gptq" and tokens is None:
+        raise CompressError("gptq: method gptq needs calibration tokens")
+    if getattr(getattr(model, "config", None), "quantization_config", None):
+        raise CompressError("gptq: the input model is already quantized; quantize a float model (use from: base)")
+    model.eval()
+    dtype = DTYPES[cfg.dtype]
+    layers_name, layers = decoder_layers_with_name(model)
+    device = torch.device(ctx.device)
+
+    inputs = None
+    if cfg.method == "gptq":
+        batches = list(tokens.split(cfg.batch_size))
+        inputs = [  # per batch: (hidden [B, T, d], extra args, kwargs), fp32 on the compute device
+            (h.to(device=device, dtype=torch.float32), move(r, device, torch.float32), move(kw, device, torch.float32))
+            for h, r, kw in capture_layer_inputs(model, batches, device)
+        ]
+
+    groups = None  # linears sharing an input, in execution order (Llama: [[q, k, v], [o], [gate, up], [down]])
+    spans: dict[str, int] = {}  # submodule -> linears run by its end (which outputs are final after which group)
+    replay_ok = False  # whether recorded linear outputs of one block fit in memory (set after the first trace)
+    layer_stats, skipped, quantized_bits, quantized_params = [], [], 0, 0
+    for i in ctx.progress(range(len(layers)), desc=f"{cfg.method} layers", total=len(layers), unit="layer"):
+        t_layer = time.perf_counter()
+        block = layers[i]
+        home = next(block.parameters()).device
+        block.to(device=device, dtype=torch.float32)
+        names = list(linears(block))
+        if groups is None:
+            groups, spans = _trace(block, inputs, names)
+            if inputs is not None:
+                replay_ok = _replay_fits(block, groups, tokens.numel(), device)
+        wanted = [n for n in names if not name_matches(f"{layers_name}.{i}.{n}", cfg.skip)]
+        skipped += [f"{layers_name}.{i}.{n}" for n in names if n not in wanted]
+        results: dict[str, QuantResult] = {}
+        if cfg.method == "rtn":
+            for n in wanted:
+                results[n] = rtn(linear_weight(block.get_submodule(n)), cfg.bits, cfg.group_size, cfg.sym)
+        else:
+            if cfg.true_sequential:
+                replay = {} if replay_ok else None  # linear name -> its recorded output per batch
+                for k, group in enumerate(groups):
+                    members = [n for n in group if n in wanted]
+                    if members:  # groups before k are final now: record their outputs once, replay them after
+                        record = [] if replay is None else _to_record(groups, spans, k, replay)
+                        results.update(_gptq_pass(block, [members], inputs, cfg, record, replay))
+            else:  # one forward of the unquantized block feeds every Hessian
+                sets = [[n for n in g if n in wanted] for g in groups]
+                replay = None
+                results.update(_gptq_pass(block, [s for s in sets if s], inputs, cfg, [], None))
+            inputs = [(out, r, kw) for out, (_, r, kw) in zip(_run_block(block, inputs, replay=replay), inputs)]
+            del replay
+
+        lin_stats = {}
+        for n, res in results.items():
+            lin = block.get_submodule(n)
+            q = QuantLinear.from_result(res, lin.bias, bias_dtype=dtype)
+            set_submodule(block, n, q)
+            quantized_bits += storage_bits(q)
+            quantized_params += q.in_features * q.out_features
+            lin_stats[n] = _linear_stats(res)
+        _cast_unquantized(block, dtype)
+        block.to(home)
+        seconds = time.perf_counter() - t_layer
+        layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
+        if cfg.method == "gptq":
+            err = sum(s["error"] for s in lin_stats.values())
+            ctx.log(f"{cfg.method} layer {i + 1}/{len(layers)}: {seconds:.1f}s, output error {err:.4g}")
+        else:
+            ctx.log(f"{cfg.method} layer {i + 1}/{len(layers)}: {seconds:.1f}s")
+
+    _cast_unquantized(model, dtype)
+    model.config.dtype = dtype
+    # transformers+optimum read which linears of a block are quantized (one list for every block); linears
+    # skipped in some blocks only are listed as exceptions in `dynamic` (GPTQModel, vLLM and our loader read it)
+    order = [n for g in groups for n in g] if groups else names
+    quantized = [{n for n in layer["linears"]} for layer in layer_stats]
+    anywhere = set.union(*quantized) if quantized else set()
+    in_block = [[n for n in g if n in anywhere] for g in (groups or [[n] for n in order])]
+    in_block = [g for g in in_block if g]
+    partial = [f"{layers_name}.{i}.{n}" for i, q in enumerate(quantized) for n in order
+               if n not in q and any(n in other for other in quantized)]
+    if partial:
+        ctx.log(f"gptq: {len(partial)} linears are skipped in some blocks only; GPTQModel and vLLM honour that "
+                "(quantization_config.dynamic), transformers+optimum do not")
+    model.config.quantization_config = quantization_config(
+        bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.act_order,
+        true_sequential=cfg.true_sequential, damp_percent=cfg.damp_percent, static_groups=cfg.static_groups,
+        modules_in_block_to_quantize=in_block, block_name_to_quantize=layers_name,
+        modules_to_not_convert=cfg.skip, skipped=partial,
+    )
+    total_params = sum(p.numel() for p in model.parameters()) + quantized_params
+    total_bits = sum(p.numel() * p.element_size() * 8 for p in model.parameters()) + quantized_bits
+    stats = {
+        "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+        "act_order": cfg.act_order, "format": "gptq-v1",
+        "quantized_linears": sum(len(s["linears"]) for s in layer_stats), "skipped_linears": skipped,
+        "quantized_params": quantized_params,
+        "bits_per_weight": round(quantized_bits / max(quantized_params, 1), 4),  # qweight+qzeros+scales+g_idx
+        "bits_per_param_model": round(total_bits / max(total_params, 1), 4),     # incl. fp16 embeddings/norms
+        "layers": layer_stats,
+    }
+    if cfg.method == "gptq":
+        errs = [s for layer in layer_stats for s in layer["linears"].values()]
+        stats["error_total"] = sum(s["error"] for s in errs)
+        stats["rel_error_mean"] = sum(s["rel_error"] for s in errs) / max(len(errs), 1)
+        stats["sequential_groups"] = in_block
+    return stats
+
+
+class _Replay(nn.Module):
+    """Stands in for a module whose inputs and weights are final: returns its recorded output for the current batch.
+
+    No copies: the recorded tensors are handed out as they are, and their version counters are checked on every
+    use, so a model that modifies a module's output in place fails loudly instead of corrupting later passes.
+    """
+
+    def __init__(self, outputs: list, cursor: list):
+        super().__init__()
+        self.outputs, self.cursor = outputs, cursor
+
+    def forward(self, *args, **kwargs):
+        out, versions = self.outputs[self.cursor[0]]
+        if _versions(out) != versions:
+            raise RuntimeError("a replayed module output was modified in place by the model; "
+                               "replay cannot be used for this architecture (disable it in _replay_fits)")
+        return out
+
+
+def _versions(out) -> tuple:
+    """Version counters of the tensors in a module output (a tensor, or a tuple/list of tensors and None)."""
+    if isinstance(out, torch.Tensor):
+        return (out._version,)
+    if isinstance(out, (tuple, list)):
+        return tuple(v for o in out for v in _versions(o))
+    return ()
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, inputs, pre_hooks: dict | None = None, record=(), replay: dict | None = None) -> list:
+    """Run every calibration batch through the block; return the outputs of the batches that ran to the end.
+
+    pre_hooks: linear name -> fn(x) called with the linear's input (may raise StopForward to end the batch early).
+    record: submodules whose outputs are stored in replay[name][batch]; submodules already complete in `replay`
+    are swapped for _Replay during the run, so they are not recomputed (true-sequential passes and the last pass
+    of a block would otherwise recompute every earlier, already quantized group, attention included).
+    """
+    cursor = [0]
+    handles, swapped = [], {}
+    replay = {} if replay is None else replay
+    for name in record:
+        replay[name] = [None] * len(inputs)
+        handles.append(block.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: replay[name].__setitem__(cursor[0], (out, _versions(out)))))
+    for name, fn in (pre_hooks or {}).items():
+        handles.append(block.get_submodule(name).register_forward_pre_hook(lambda m, a, fn=fn: fn(a[0])))
+    complete = [n for n, outs in replay.items() if n not in record and all(o is not None for o in outs)]
+    for name in complete:
+        if not any(name.startswith(a + ".") for a in complete):  # outermost only: the rest is not called
+            swapped[name] = block.get_submodule(name)
+            set_submodule(block, name, _Replay(replay[name], cursor))
+    outputs = []
+    try:
+        for b, (h, r, kw) in enumerate(inputs):
+            cursor[0] = b
+            try:
+                outputs.append(call_block(block, h, r, kw))
+            except StopForward:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+        for name, m in swapped.items():
+            set_submodule(block, name, m)
+    for name in record:  # what a recorded module replays covers its insides: free their recordings
+        for inner in [n for n in replay if n.startswith(name + ".")]:
+            del replay[inner]
+    return outputs
+
+
+def _replay_fits(block: nn.Module, groups: list[list[str]], n_tokens: int, device: torch.device) -> bool:
+    """Do the recorded outputs of every linear but the last group fit in a quarter of the free memory?"""
+    need = sum(linear_weight(block.get_submodule(n)).shape[0] for g in groups[:-1] for n in g) * n_tokens * 4
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return need <= free // 4
+
+
+def _trace(block: nn.Module, inputs, names: list[str]) -> tuple[list[list[str]], dict[str, int]]:
+    """(linear groups in execution order, submodule spans) traced on the first batch; RTN: one group per linear."""
+    if inputs is None:
+        return [[n] for n in names], {}
+    h, r, kw = inputs[0]
+    return trace_block(block, h, r, kw)
+
+
+def _to_record(groups: list[list[str]], spans: dict[str, int], k: int, replay: dict) -> list[str]:
+    """Submodules to record in the pass of group k: the outermost ones whose linears all belong to groups < k.
+
+    Their inputs and weights no longer change, so from the next pass on their recorded outputs replace them
+    (Llama: q/k/v in the pass of o, the whole self_attn in the pass of gate/up, gate/up in the pass of down).
+    """
+    done = sum(len(g) for g in groups[:k])
+    linear_names = [n for g in groups for n in g]
+    final = {m for m, end in spans.items()
+             if end <= done and any(n == m or n.startswith(m + ".") for n in linear_names)}
+    outer = [m for m in final if not any(m.startswith(a + ".") for a in final)]
+    return [m for m in outer if m not in replay]
+
+
+@torch.no_grad()
+def _gptq_pass(
+    block: nn.Module, sets: list[list[str]], inputs, cfg: Config, record: list[str], replay: dict | None
+) -> dict[str, QuantResult]:
+    """One calibration pass through the block, then GPTQ for the linears in `sets`; writes Q into the fp32 block.
+
+    Each set holds linears that read the same input: they share H and are quantized as one row-stacked matrix.
+    With true_sequential a pass has one set; without it, a pass holds every set of the block (one forward, all
+    inputs from the unquantized block). The forward stops at the pass's last linear.
+    """
+    members = [n for s in sets for n in s]
+    mods = {n: block.get_submodule(n) for n in members}
+    solvers = [GPTQ(torch.cat([linear_weight(mods[n]).float() for n in s])) for s in sets]  # [sum(out), in]
+    first = {s[0]: k for k, s in enumerate(sets)}
+    last = members[-1]
+
+    def make_hook(name):
+        def hook(x):
+            if name in first:
+                solvers[first[name]].add_batch(x)
+            if name == last:
+                raise StopForward
+        return hook
+
+    _run_block(block, inputs, pre_hooks={n: make_hook(n) for n in members}, record=record, replay=replay)
+
+    out: dict[str, QuantResult] = {}
+    for s, solver in zip(sets, solvers):
+        res = solver.quantize(
+            bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
+            static_groups=cfg.static_groups, damp_percent=cfg.damp_percent, blocksize=cfg.block_size,
+        )
+        r0 = 0
+        for n in s:
+            W = linear_weight(mods[n])
+            rows = W.shape[0]
+            out[n] = res.rows(r0, r0 + rows)
+            W.copy_(out[n].Q)  # later groups see this linear quantized
+            r0 += rows
+    return out
+
+
+def _linear_stats(res: QuantResult) -> dict:
+    """JSON-able per-linear numbers: output error (GPTQ objective), relative error, weight MSE, damp, seconds."""
+    s = {"weight_mse": float(res.weight_err.sum() / res.Q.numel()), "seconds": round(res.seconds, 4)}
+    if res.error is not None:
+        s["error"] = float(res.error.sum())
+        s["rel_error"] = float(res.error.sum() / res.energy.sum().clamp(min=1e-30))
+        s["damp_percent"] = res.damp_percent
+    return s
+
+
+def _cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters outside QuantLinear modules to dtype (buffers such as rotary inv_freq are kept)."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            continue
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)

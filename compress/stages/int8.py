@@ -1,0 +1,116 @@
+"""`int8` stage: LLM.int8() weight quantization with bitsandbytes (Dettmers et al. 2022, arXiv 2208.07339).
+
+    stages:
+      - int8: {threshold: 6.0, skip: [lm_head], dtype: bfloat16}
+
+Every nn.Linear outside `skip` becomes a bitsandbytes `Linear8bitLt`: int8 weights with one absmax scale
+per output row; at run time input dimensions holding a value with |x| >= threshold are multiplied in 16-bit.
+Embeddings, norms and skipped linears are cast to `dtype` (16-bit, not float32 as a direct transformers
+load on CPU leaves them). The returned model carries `config.quantization_config` in transformers'
+bitsandbytes 8-bit form, so its saved checkpoint reloads with `checkpoint.load` (via
+`compress.algorithms.int8.prepare_for_load`) and with `AutoModelForCausalLM.from_pretrained`.
+Stats: bytes of the quantized linears vs the same linears in bf16, whole-model bytes vs the input, and the
+outlier input dimensions seen on `calibration_samples` windows of the pipeline's `data.calibration` text.
+
+Needs `pip install 'compress[int8]'` (bitsandbytes >= 0.45; CPU or CUDA). Not supported: 4-bit, int8
+training (has_fp16_weights), an input that is already quantized, CPU offload of parts of the model.
+LLM.int8() is slower than 16-bit matmuls for small models: it saves memory, not time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.algorithms import int8 as core
+from compress.context import Context
+from compress.errors import CompressError
+
+NAME = "int8"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Config:
+    threshold: float = 6.0        # outlier threshold (paper's alpha = 6): input dims with |x| >= it run in 16-bit; 0 = all int8
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])  # modules kept in `dtype`: name prefix, regex or suffix
+    dtype: str = "bfloat16"       # dtype of what stays unquantized (embeddings, norms, skipped linears) and of activations
+    calibration_samples: int = 4  # windows of data.calibration run for the outlier statistics (0 = no statistics)
+    seq_len: int = 512            # tokens per calibration window
+
+    def __post_init__(self):
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or self.threshold < 0:
+            raise CompressError(f"int8.threshold must be a number >= 0 (6.0 is the paper's), got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if isinstance(self.skip, str):
+            self.skip = [self.skip]
+        if not isinstance(self.skip, list) or not all(isinstance(s, str) and s for s in self.skip):
+            raise CompressError(f"int8.skip must be a list of module names or patterns, got {self.skip!r}")
+        if self.dtype not in DTYPES:
+            raise CompressError(f"int8.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 0:
+            raise CompressError(f"int8.calibration_samples must be an integer >= 0, got {self.calibration_samples!r}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise CompressError(f"int8.seq_len must be a positive integer, got {self.seq_len!r}")
+
+
+def calibration_tokens(tokenizer, cfg: Config, ctx: Context) -> torch.Tensor | None:
+    """[calibration_samples, seq_len] token windows of data.calibration, or None when there is nothing to run."""
+    spec = ctx.data.get("calibration")
+    if cfg.calibration_samples == 0 or not spec:
+        return None
+    from compress.data import calibration_blocks
+
+    return calibration_blocks(tokenizer, spec, cfg.calibration_samples, cfg.seq_len, ctx.seed)
+
+
+def run(model, tokenizer, cfg: Config, ctx: Context):
+    """Quantize the model's linears with LLM.int8(); return (model, stats)."""
+    core.require_bitsandbytes()
+    if getattr(model.config, "quantization_config", None):
+        raise CompressError("int8 needs an unquantized input model; give the stage `from: base` or a plain stage")
+    dtype = DTYPES[cfg.dtype]
+    input_bytes = core.state_bytes(model)
+
+    skip = core.modules_to_skip(model, cfg.skip)
+    targets = core.quantizable_linears(model, skip)
+    if not targets:
+        raise CompressError(f"int8 found no nn.Linear to quantize (skip={skip}); check int8.skip")
+    bf16_bytes = sum(2 * sum(p.numel() for p in m.parameters()) for _, m in targets)
+
+    ctx.log(f"int8: quantizing {len(targets)} linears on {ctx.device} (threshold {cfg.threshold}, rest in {cfg.dtype})")
+    names = core.quantize_model(model, cfg.threshold, skip, ctx.device)
+    core.cast_unquantized(model, dtype, ctx.device)
+    model.config.dtype = dtype
+    model.config.quantization_config = core.bnb_quantization_config(cfg.threshold, skip)
+    model.is_loaded_in_8bit = True  # as transformers marks its own bnb 8-bit models
+    model.eval()
+
+    int8_bytes = sum(core.state_bytes(model.get_submodule(n)) for n in names)
+    output_bytes = core.state_bytes(model)
+    stats = {
+        "threshold": cfg.threshold,
+        "dtype": cfg.dtype,
+        "skip": skip,
+        "quantized_linears": len(names),
+        "linear_bytes": {"int8": int8_bytes, "bf16": bf16_bytes, "ratio": round(int8_bytes / bf16_bytes, 4)},
+        "model_bytes": {"input": input_bytes, "output": output_bytes, "ratio": round(output_bytes / input_bytes, 4)},
+        "outliers": None,
+    }
+
+    blocks = calibration_tokens(tokenizer, cfg, ctx)
+    if blocks is None:
+        ctx.log("int8: no data.calibration (or calibration_samples: 0); outlier statistics skipped")
+        return model, stats
+    linears = {n: model.get_submodule(n) for n in names}
+    with torch.no_grad(), core.OutlierCounter(linears, cfg.threshold) as counter:
+        for ids in ctx.progress(blocks, desc="int8 outliers", total=len(blocks)):
+            model(input_ids=ids[None].to(ctx.device))  # one window per forward: per-call counts are per window
+    stats["outliers"] = {
+        "source": ctx.data["calibration"], "windows": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]),
+        **counter.stats(),
+    }
+    ctx.log(f"int8: {stats['outliers']['total_outlier_dims']} outlier input dims over {len(names)} linears")
+    return model, stats

@@ -16,7 +16,7 @@ Perplexity (causal LMs) = exp(mean token NLL) on the TEST split of each source (
   With bos=True each window still starts with BOS. stride >= the tokens a window holds = non-overlapping.
 - NLL is computed in float32 (logits upcast) whatever the model's dtype, summed in float64.
 Pseudo-perplexity (masked LMs, `…ForMaskedLM`): the same non-overlapping blocks; in each block exactly
-round(0.15 * k) of its k stream tokens (never the leading BOS/CLS) are replaced by the mask token, chosen
+max(1, round(0.15 * k)) of its k stream tokens (never the leading BOS/CLS) are replaced by the mask token, chosen
 by one torch.Generator seeded 0 that walks the blocks in order; exp(mean NLL of the original tokens at the
 masked positions). One masking pass, not the token-by-token PLL of Salazar et al. (2020); stride is refused.
 Agreement (any model; the default for bare encoders such as MiniLM, on the perplexity sources): the test

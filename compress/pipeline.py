@@ -334,7 +334,11 @@ def check_model_spec(spec: str, allow_pickle: bool = False) -> None:
     if spec.startswith("zoo:"):
         from compress import zoo
 
-        zoo.check_model(spec[4:])
+        name = spec[4:]
+        if name not in zoo.MODELS:
+            raise CompressError(f"model {spec!r}: not a zoo model; zoo models: {', '.join(zoo.MODELS)}")
+        if not zoo.is_installed(name):
+            raise CompressError(f"model {spec!r} is not installed: run `compress zoo fetch {name}`")
         return
     p = Path(spec).expanduser()
     if p.exists():

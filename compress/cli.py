@@ -63,8 +63,10 @@ def _log(msg: str) -> None:
 @click.argument("pipeline_file", required=False, default=DEFAULT_PIPELINE, type=click.Path(dir_okay=False))
 @click.option("--out", "out", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Root folder for run outputs; the run goes to OUT/<pipeline name>/.")
-@click.option("--force", is_flag=True, help="Redo every stage even if its manifest says it is up to date.")
-@click.option("--dry-run", is_flag=True, help="Only validate the pipeline (YAML, stages, keys, model, data).")
+@click.option("--force", is_flag=True, help="Redo every stage even if its manifest says it is up to date, and run "
+              "stages the memory planner predicts will not fit.")
+@click.option("--dry-run", is_flag=True, help="Only validate the pipeline (YAML, stages, keys, model, data, "
+              "predicted memory).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def run(pipeline_file, out, force, dry_run, quiet):
     """Run a pipeline YAML: every stage -> checkpoint + manifest.json.
@@ -79,12 +81,14 @@ def run(pipeline_file, out, force, dry_run, quiet):
     A rerun skips stages whose input and config are unchanged (it says so); a stage that was interrupted
     is redone, the stages before it are kept.
     """
-    from compress import pipeline
+    from compress import pipeline, report
 
     _quiet_libraries()
     pipe = pipeline.load(pipeline_file)
     if dry_run:
         pipeline.check_model_spec(pipe.model, pipe.allow_pickle)
+        if not force:
+            pipeline.check_memory(pipe, pipeline.pick_device(pipe.device))
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
         return
@@ -94,52 +98,9 @@ def run(pipeline_file, out, force, dry_run, quiet):
         _log(f"[{res.folder}] {word[res.status]}")
 
     results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show)
-    click.echo(summary_table([r.manifest for r in results], [r.status for r in results]))
-    click.echo(f"\nrun folder: {Path(out) / pipe.name}")
-
-
-def summary_table(manifests: list[dict], statuses: list[str] | None = None) -> str:
-    """A plain-text table of a run's stages: size, memory, perplexity (change vs base), speed, time."""
-    sources = []
-    for m in manifests:
-        for s in (m.get("accuracy") or {}).get("perplexity", {}):
-            if s not in sources:
-                sources.append(s)
-    base_ppl = {s: v["value"] for s, v in (manifests[0].get("accuracy") or {}).get("perplexity", {}).items()} \
-        if manifests else {}
-    head = ["stage", "status", "format", "params", "disk MB", "bits/w", "peak MB"] + \
-        [f"ppl {s}" for s in sources] + ["tok/s", "seconds"]
-    rows = []
-    for i, m in enumerate(manifests):
-        ppl = (m.get("accuracy") or {}).get("perplexity", {})
-        cells = [
-            m["folder"], (statuses[i] if statuses else ""), m.get("format", ""),
-            _human(m["size"]["params"]), f"{m['size']['disk_bytes'] / 1e6:.1f}",
-            f"{m['size']['bits_per_weight']:.2f}" if m["size"].get("bits_per_weight") else "-",
-            f"{m['memory']['measured_peak_bytes'] / 1e6:.0f}" if m["memory"].get("measured_peak_bytes") is not None else "-",
-        ]
-        for s in sources:
-            if s in ppl:
-                v = ppl[s]["value"]
-                rel = f" ({100 * (v / base_ppl[s] - 1):+.1f}%)" if s in base_ppl and m["index"] else ""
-                cells.append(f"{v:.3f}{rel}")
-            else:
-                cells.append("-")
-        tps = (m.get("speed") or {}).get("eval_tokens_per_s")
-        cells += [f"{tps:.0f}" if tps else "-", f"{m.get('seconds', 0):.1f}"]
-        rows.append(cells)
-    widths = [max(len(str(r[c])) for r in [head] + rows) for c in range(len(head))]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
+    run_dir = Path(out) / pipe.name
+    click.echo(report.to_text(report.collect([run_dir]), {r.folder: r.status for r in results}))
+    click.echo(f"\nrun folder: {run_dir} (report.md, pareto.png; `compress report {run_dir}` to compare runs)")
 
 
 @main.command()
@@ -262,14 +223,22 @@ def eval_cmd(model, data, seq_len, max_tokens, base, as_json):
 
 @main.command()
 @click.argument("pipeline_file", required=False, default=DEFAULT_PIPELINE, type=click.Path(dir_okay=False))
-@click.option("--device", "device", default=None, help="A device from the planner's table, e.g. a100-80gb, rtx4090, cpu.")
-@click.option("--memory", "memory_gb", default=None, type=float, help="Available memory in GB instead of --device.")
+@click.option("--device", "device", default=None,
+              help="rtx4090, a100-40gb, a100-80gb, h100-80gb, h200-141gb, cpu (this machine's RAM), a GPU size "
+                   "such as 24GB, or cpu:64GB. Default: the device `compress run` would use here.")
+@click.option("--memory", "memory_gb", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Memory available in GB (10^9 bytes), on the kind of device `compress run` would use here.")
 def plan(pipeline_file, device, memory_gb):
     """Predict each stage's peak memory from the model's config alone, and whether it fits.
 
+    No weight is loaded: parameters are counted on a meta-device model and each stage's peak is the sum of
+    documented terms (weights, gradients, AdamW states, activations, GPTQ Hessians, logits, KV cache).
+    A stage that does not fit gets advice, each item with its predicted saving. `compress run` makes the
+    same check before any work and refuses a pipeline that does not fit (--force runs it anyway).
+
     \b
     Examples:
-      compress plan                              # default demo, this machine's RAM
+      compress plan                              # the default demo on this machine
       compress plan pipelines/smollm2-shear.yaml --device rtx4090
       compress plan my.yaml --memory 16
     """
@@ -279,9 +248,15 @@ def plan(pipeline_file, device, memory_gb):
     pipe = pipeline.load(pipeline_file)
     if device and memory_gb:
         raise CompressError("give --device or --memory, not both")
-    capacity = memory.device_bytes(device) if device else (int(memory_gb * 1e9) if memory_gb else None)
-    plans = memory.plan_pipeline(pipe, capacity)
-    click.echo(memory.format_table(plans))
+    here = pipeline.pick_device(pipe.device)
+    if memory_gb:
+        target = memory.Device(f"{memory_gb:g} GB", here.type, int(memory_gb * 1e9))
+    else:
+        target = memory.resolve_device(device) if device else memory.machine(here)
+    plans = pipeline.plan_memory(pipe, target)
+    click.echo(memory.format_table(plans, target))
+    if any(p.fits is False for p in plans):
+        click.get_current_context().exit(1)
 
 
 @main.command()

@@ -4,13 +4,8 @@ The presence of `manifest.json` in a stage folder means "this stage finished": t
 the checkpoint, the round-trip check and the evaluation, through a temp file + os.replace, inside a folder
 that is itself renamed into place only when complete.
 
-Peak memory during a stage:
-- CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (tensors only, not the caching
-  allocator's reserve).
-- CPU: peak resident set size growth of this process: the kernel's high-water mark (VmHWM) is reset by
-  writing 5 to /proc/self/clear_refs at the start, then peak = VmHWM at the end - VmRSS at the start. Where
-  that file cannot be written, a 5 ms sampling thread reads VmRSS instead (can miss short spikes; the method
-  is recorded either way).
+Peak memory during a stage is measured by compress.memory.PeakMemory, the way the memory planner predicts
+it (growth over the resident input model: peak RSS on CPU, max allocated on CUDA).
 """
 
 from __future__ import annotations
@@ -20,86 +15,10 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
-
-STATUS = Path("/proc/self/status")
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process, in bytes."""
-    value = _status_kb("VmRSS")
-    if value is not None:
-        return value
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-class PeakMemory:
-    """Context manager: peak memory used by the code inside it, beyond what was in use when it started.
-
-    `with PeakMemory(device) as pm: ...` then `pm.peak_bytes` and `pm.method`.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.peak_bytes = 0
-        self.method = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda-max-allocated"
-            return self
-        import gc
-
-        gc.collect()
-        self._start = rss_bytes()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.method = "rss-growth (VmHWM)"
-        except OSError:
-            self.method = "rss-growth (sampled 5 ms)"
-            self._max = self._start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self._max = max(self._max, rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
-            return
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._max, rss_bytes())
-        else:
-            peak = _status_kb("VmHWM") or rss_bytes()
-        self.peak_bytes = max(0, peak - self._start)
-
 
 # --------------------------------------------------------------------------------------------- size
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from compress import checkpoint, manifest
+from compress import checkpoint, manifest, memory
 from compress.errors import CompressError
 from compress.stages import STAGES
 
@@ -174,10 +174,8 @@ def _parse_data(data: Any, path: Path) -> dict:
 
 
 def _check_text_spec(spec: str, path: Path) -> None:
-    try:
-        from compress import data
-    except ImportError:  # data layer not installed in this build
-        return
+    from compress import data
+
     try:
         data.check_spec(spec)
     except CompressError as e:
@@ -417,6 +415,10 @@ def run(
     out = Path(out_root) / pipe.name
     check_writable(out)
     device = pick_device(pipe.device)
+    if not force:
+        check_memory(pipe, device)
+    if device.type == "cpu":
+        memory.fixed_mmap_threshold()  # RSS then follows live tensors, so measured peaks mean what the planner means
     _clean_partials(out)
     _write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))
     runner = _Runner(pipe, out, device, force, log, quiet)
@@ -425,7 +427,33 @@ def run(
         results.append(res)
         if on_result:
             on_result(res)
+    from compress import report
+
+    report.write(out)
     return results
+
+
+def model_config(pipe: Pipeline) -> dict:
+    """The input model's config.json as a dict, read without loading a weight (what the memory planner needs)."""
+    if pipe.model.startswith("tiny:"):
+        return json.loads(_tiny_path(pipe.model).read_text())
+    return checkpoint.check_folder(checkpoint.resolve(pipe.model), pipe.allow_pickle)
+
+
+def plan_memory(pipe: Pipeline, device=None) -> list:
+    """The memory planner's StagePlan of every stage (base first) for `device` (see memory.resolve_device)."""
+    return memory.plan(pipe, model_config(pipe), device)
+
+
+def check_memory(pipe: Pipeline, device: torch.device) -> None:
+    """Refuse, before any work, a pipeline with a stage predicted not to fit in this machine's memory."""
+    plans = plan_memory(pipe, memory.machine(device))
+    for p in plans:
+        if p.fits is False:
+            raise CompressError(
+                f"stage {p.index:02d}-{p.name} ({p.stage}) is predicted not to fit: " + "; ".join(p.advice)
+                + f". `compress plan {pipe.path or ''}` shows the breakdown; --force runs it anyway"
+            )
 
 
 class _Runner:
@@ -453,21 +481,25 @@ class _Runner:
         self.log(f"[00-base] loading {self.pipe.model}")
         tmp = self._tmp(folder)
         t0 = manifest.now()
-        if self.pipe.model.startswith("tiny:"):
-            from compress import tiny
+        predicted = memory.predict_stage("base", {}, model_config(self.pipe)).growth_bytes
+        with memory.PeakMemory(self.device) as pm:  # loading the model: its weights are the growth
+            if self.pipe.model.startswith("tiny:"):
+                from compress import tiny
 
-            model, tok = tiny.build(_tiny_path(self.pipe.model), seed=self.pipe.seed)
-        else:
-            model, tok = checkpoint.load(
-                checkpoint.resolve(self.pipe.model), device="cpu", allow_pickle=self.pipe.allow_pickle,
-                trust_remote_code=self.pipe.trust_remote_code,
-            )
-        model.to(self.device)
+                model, tok = tiny.build(_tiny_path(self.pipe.model), seed=self.pipe.seed)
+            else:
+                model, tok = checkpoint.load(
+                    checkpoint.resolve(self.pipe.model), device="cpu", allow_pickle=self.pipe.allow_pickle,
+                    trust_remote_code=self.pipe.trust_remote_code,
+                )
+            model.to(self.device)
+            memory.fault_in(model)  # memory-mapped weights count once they are read
         checkpoint.save(model, tok, tmp)
         m = self._finish(
             tmp, folder, model, index=0, stage="base", name="base", config={}, config_hash=None,
             input_={"from": self.pipe.model, "path": str(self.pipe.model), "hash": src_hash},
-            stats={}, seconds=manifest.now() - t0, memory={"measured_peak_bytes": None, "method": None},
+            stats={}, seconds=manifest.now() - t0,
+            memory={"predicted_peak_bytes": predicted, "measured_peak_bytes": pm.measured_bytes, "method": pm.method},
         )
         self.hashes["base"] = m["output_hash"]
         return StageResult("00-base", "done", m)
@@ -499,16 +531,16 @@ class _Runner:
             base_path=self.folders["base"], stage_paths={k: v for k, v in self.folders.items() if k != spec.name},
             trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet,
         )
-        predicted = _predict(self.pipe, spec, model)
+        predicted = memory.predict_for_run(self.pipe, spec, model)
         t0 = manifest.now()
-        with manifest.PeakMemory(self.device) as pm:
+        with memory.PeakMemory(self.device, model) as pm:
             model, stats = spec.module.run(model, tok, spec.config, ctx)
         seconds = manifest.now() - t0
         common = dict(
             index=spec.index, stage=spec.type, name=spec.name, config=dataclasses.asdict(spec.config),
             config_hash=cfg_hash, input_={"from": spec.source, "path": str(in_folder), "hash": in_hash},
             seconds=seconds,
-            memory={"predicted_peak_bytes": predicted, "measured_peak_bytes": pm.peak_bytes, "method": pm.method},
+            memory={"predicted_peak_bytes": predicted, "measured_peak_bytes": pm.measured_bytes, "method": pm.method},
         )
         tmp = self._tmp(folder)
         if writes:
@@ -574,9 +606,11 @@ class _Runner:
         base = None
         if _is_bare_encoder(model):
             base = model if is_base else checkpoint.load(self.folders["base"], device=self.device)[0]
-        with manifest.PeakMemory(self.device) as pm:
+        predicted = memory.predict_eval_for_run(self.pipe.eval, model)
+        with memory.PeakMemory(self.device, model) as pm:
             result = evaluate.run(model, tok, self.pipe.eval, device=self.device, base_model=base)
-        m["memory"]["eval_measured_peak_bytes"] = pm.peak_bytes
+        m["memory"]["eval_predicted_peak_bytes"] = predicted
+        m["memory"]["eval_measured_peak_bytes"] = pm.measured_bytes
         return {"accuracy": result.get("accuracy", {}), "speed": result.get("speed", {})}
 
     def _maybe_reeval(self, folder: Path, old: dict) -> StageResult:
@@ -596,16 +630,6 @@ class _Runner:
 
 def _is_bare_encoder(model) -> bool:
     return not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
-
-
-def _predict(pipe: Pipeline, spec: StageSpec, model) -> int | None:
-    """Predicted peak memory of a stage from the memory planner, when it knows the stage."""
-    try:
-        from compress import memory
-    except ImportError:
-        return None
-    predict = getattr(memory, "predict_for_run", None)
-    return predict(pipe, spec, model) if predict else None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

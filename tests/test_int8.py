@@ -95,7 +95,7 @@ def test_missing_bitsandbytes_is_a_clear_error(tiny_llama, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("bad", [{"threshold": -1}, {"dtype": "float32"}, {"skip": [""]}, {"calibration_samples": -2},
-                                 {"seq_len": 0}, {"threshold": "six"}])
+                                 {"seq_len": 0}, {"threshold": "six"}, {"skip": ["lm_head["]}])
 def test_config_checks_values(bad):
     with pytest.raises(CompressError, match="int8"):
         stage.Config(**bad)
@@ -240,6 +240,16 @@ def test_skip_patterns_leave_modules_in_16_bit(tiny_llama, tmp_path):
     r = load_with_prepare(tmp_path / "ckpt")
     assert type(r.model.layers[3].mlp.down_proj) is nn.Linear
     assert torch.equal(logits(r, ids_for()), logits(q, ids_for()))
+
+
+@requires_bnb
+def test_tied_output_embedding_is_never_quantized(tiny_llama, tmp_path):
+    model, tok = tiny_llama  # tie_word_embeddings: lm_head.weight is embed_tokens.weight
+    q, stats = quantize(model, tok, tmp_path, skip=[])
+    assert stats["skip"] == ["lm_head"] and q.config.quantization_config["llm_int8_skip_modules"] == ["lm_head"]
+    assert type(q.lm_head) is nn.Linear and q.lm_head.weight is q.model.embed_tokens.weight
+    save(q, tmp_path / "ckpt")
+    assert torch.equal(logits(load_with_prepare(tmp_path / "ckpt"), ids_for()), logits(q, ids_for()))
 
 
 @requires_bnb

@@ -130,6 +130,11 @@ def _check(bits: int, group_size: int, columns: int) -> int:
 
 def rtn(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantResult:
     """Round-to-nearest baseline: each group's (scale, zero) from its own weights, then round. W [rows, cols]."""
+    with _single_thread(W.device):  # small per-group ops: see GPTQ.quantize
+        return _rtn(W, bits, group_size, sym)
+
+
+def _rtn(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantResult:
     t0 = time.perf_counter()
     W = W.detach().float()
     rows, cols = W.shape

@@ -4,8 +4,8 @@ Paper: Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transf
 https://arxiv.org/abs/2208.07339. Each weight row is quantized to int8 with its own absmax scale
 (vector-wise: CB = round(127 * W / SCB), SCB = max|W| per output row). At run time each token row of X is
 quantized the same way, except the input feature dimensions where some |X| >= threshold (the outliers):
-those columns are multiplied in 16-bit against the dequantized weight columns and added back
-(bitsandbytes' `Linear8bitLt`, has_fp16_weights=False). This module holds the plain functions the `int8`
+those columns are multiplied in the activations' dtype against the dequantized weight columns and added back
+(bitsandbytes' `Linear8bitLt`, has_fp16_weights=False; it casts X to float16 before quantizing it). This module holds the plain functions the `int8`
 stage and `checkpoint.load` share:
 
 - `quantize_model(model, threshold, skip, device)`: swap nn.Linear (and GPT-2 Conv1D) for Linear8bitLt.
@@ -64,18 +64,22 @@ def _conv1d_type():
 
 
 def modules_to_skip(model: nn.Module, skip: list[str] | None) -> list[str]:
-    """The skip list written to `llm_int8_skip_modules`: the given patterns plus the model's fp32-pinned modules.
+    """The skip list written to `llm_int8_skip_modules`: the given patterns, the model's fp32-pinned modules, and
+    the output embedding when it is tied to the input embedding (an int8 copy would break the tie).
 
-    `skip=None` means transformers' default: the output embedding (and anything tied to the input embedding).
+    `skip=None` means transformers' default: the output embedding.
     """
-    patterns = list(skip) if skip is not None else _default_skips(model)
-    for name in getattr(model, "_keep_in_fp32_modules", None) or []:
-        if name not in patterns:
+    head = _output_embedding_names(model)
+    patterns = list(skip) if skip is not None else list(head)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    extra = list(getattr(model, "_keep_in_fp32_modules", None) or []) + (head if tied else [])
+    for name in extra:
+        if not is_skipped(name, patterns):
             patterns.append(name)
     return patterns
 
 
-def _default_skips(model: nn.Module) -> list[str]:
+def _output_embedding_names(model: nn.Module) -> list[str]:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [name for name, m in model.named_modules() if out is not None and m is out]
 

@@ -142,7 +142,7 @@ def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | No
 
     groups = None  # linears sharing an input, in execution order (Llama: [[q, k, v], [o], [gate, up], [down]])
     spans: dict[str, int] = {}  # submodule -> linears run by its end (which outputs are final after which group)
-    replay_ok = False  # whether recorded linear outputs of one block fit in memory (set after the first trace)
+    replay_ok = False  # whether recorded submodule outputs of one block fit in memory (set after the trace)
     layer_stats, skipped, quantized_bits, quantized_params = [], [], 0, 0
     for i in ctx.progress(range(len(layers)), desc=f"{cfg.method} layers", total=len(layers), unit="layer"):
         t_layer = time.perf_counter()
@@ -162,7 +162,7 @@ def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | No
                 results[n] = rtn(linear_weight(block.get_submodule(n)), cfg.bits, cfg.group_size, cfg.sym)
         else:
             if cfg.true_sequential:
-                replay = {} if replay_ok else None  # linear name -> its recorded output per batch
+                replay = {} if replay_ok else None  # submodule name -> its recorded output per batch
                 for k, group in enumerate(groups):
                     members = [n for n in group if n in wanted]
                     if members:  # groups before k are final now: record their outputs once, replay them after

@@ -19,6 +19,7 @@ LLM.int8() is slower than 16-bit matmuls for small models: it saves memory, not 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,11 @@ class Config:
             self.skip = [self.skip]
         if not isinstance(self.skip, list) or not all(isinstance(s, str) and s for s in self.skip):
             raise CompressError(f"int8.skip must be a list of module names or patterns, got {self.skip!r}")
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise CompressError(f"int8.skip pattern {pattern!r} is not a valid regex: {e}") from None
         if self.dtype not in DTYPES:
             raise CompressError(f"int8.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 0:

@@ -1,0 +1,245 @@
+"""The memory planner: hand-computed arithmetic, exact parameter counts, fit checks with advice, and two
+real CPU measurements (cast, eval forward) that the predictions must match."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import memory as M
+from compress.errors import CompressError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LLAMA = REPO / "configs" / "models" / "tiny-llama.json"
+TINY_BERT = REPO / "configs" / "models" / "tiny-bert.json"
+
+SMOLLM2 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+               intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+               tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_shape():
+    return M.describe(TINY_LLAMA)
+
+
+def test_parse_memory_and_devices():
+    assert M.parse_memory("24GB") == 24 * 10**9
+    assert M.parse_memory("80GiB") == 80 * 2**30
+    assert M.parse_memory("512 MiB") == 512 * 2**20
+    assert M.parse_memory("1.5TB") == 1_500_000_000_000
+    assert M.parse_memory(1234) == 1234
+    with pytest.raises(CompressError, match="24GB"):
+        M.parse_memory("lots")
+    h100 = M.resolve_device("h100-80gb")
+    assert (h100.kind, h100.bytes) == ("cuda", 81559 * 2**20)
+    assert M.resolve_device("cpu").kind == "cpu" and M.resolve_device("cpu").bytes > 2**30
+    assert M.resolve_device("cpu:8GB") == M.Device("cpu:8gb", "cpu", 8 * 10**9)
+    assert M.resolve_device("24GB").bytes == 24 * 10**9
+    assert M.resolve_device(None) is None
+    with pytest.raises(CompressError, match="unknown device"):
+        M.resolve_device("tpu-v9")
+
+
+def test_param_count_equals_real_models(tiny_llama, tiny_bert, tiny_shape):
+    model, _ = tiny_llama
+    assert tiny_shape.params == sum(p.numel() for p in model.parameters())
+    assert tiny_shape.tied and tiny_shape.gated_mlp and tiny_shape.layers == 4
+    assert (tiny_shape.hidden, tiny_shape.kv_heads, tiny_shape.head_dim) == (64, 2, 16)
+    assert M.describe(model).params == tiny_shape.params           # from an nn.Module directly
+    bert, _ = tiny_bert
+    assert M.describe(TINY_BERT).params == sum(p.numel() for p in bert.parameters())
+    assert not M.describe(TINY_BERT).gated_mlp
+    assert M.describe(SMOLLM2).params == 134_515_008                # SmolLM2-135M
+
+
+def test_weights_bytes_by_dtype_and_format(tiny_shape):
+    one_b = dataclasses.replace(tiny_shape, params=10**9, float_buffers=0)
+    assert M.ModelState(one_b, "float32").weights_bytes() == 4 * 10**9
+    assert M.ModelState(one_b, "bfloat16").weights_bytes() == 2 * 10**9
+    s = tiny_shape
+    plain = (s.params + s.float_buffers) * 2
+    assert s.linear_params == s.layers * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 160)
+    # int8: 1 byte per linear weight + fp32 row scale per output feature; the rest stays bf16
+    outs = s.layers * (64 + 32 + 32 + 64 + 160 + 160 + 64)
+    assert M.ModelState(s, "bfloat16", "bnb-int8").weights_bytes() == plain - 2 * s.linear_params + s.linear_params + 4 * outs
+    # GPTQ 4-bit, group 128: in=64 and in=160 give 1 and 2 groups
+    one = lambda i, o, g: i * o // 2 + g * o // 2 + g * o * 2 + 4 * i
+    packed = s.layers * (one(64, 64, 1) * 2 + one(64, 32, 1) * 2 + one(64, 160, 1) * 2 + one(160, 64, 2))
+    assert M.gptq_linear_bytes(s.linears, s.layers, 4, 128) == packed
+    assert M.ModelState(s, "bfloat16", "gptq", bits=4).weights_bytes() == plain - 2 * s.linear_params + packed
+
+
+def test_training_adds_exactly_the_documented_terms(tiny_shape):
+    s, B, S = tiny_shape, 2, 16
+    acts = (4 * (9 * 64 + 4 * 32 + 4 * 160) + 8 * 64) * B * S * s.layers       # a*(9h + 4kvd + 4I) + 8h
+    logits = B * S * 264 * (4 + 12)
+    p = M.predict_stage("train", {"batch_size": B, "seq_len": S}, None, M.ModelState(s, "float32"))
+    assert p.breakdown["gradients"] == 4 * s.params
+    assert p.breakdown["AdamW states (m, v)"] == 8 * s.params
+    assert p.breakdown["activations"] == acts
+    assert p.breakdown["logits + loss"] == logits
+    assert p.growth_bytes == 12 * s.params + acts + logits       # fp32 AdamW: 4 + 4 + 8 = 16 bytes/param in all
+    assert p.allocated_bytes == p.weights_bytes + p.growth_bytes
+    assert p.peak_bytes == p.allocated_bytes + M.CPU_PROCESS_BYTES
+    # bf16 weights, as compress/train.py trains them: bf16 grads and AdamW states, no master copy
+    pb = M.predict_stage("train", {"batch_size": B, "seq_len": S}, None, M.ModelState(s, "bfloat16"))
+    acts16 = (2 * (9 * 64 + 4 * 32 + 4 * 160) + 8 * 64) * B * S * s.layers
+    assert pb.growth_bytes == 6 * s.params + acts16 + B * S * 264 * (2 + 12)
+    # bf16 autocast over fp32 weights: fp32 grads and states, 16-bit activations, cached 16-bit linears
+    pa = M.predict_stage("train", {"batch_size": B, "seq_len": S, "mixed_precision": "bf16"}, None,
+                         M.ModelState(s, "float32"))
+    assert pa.growth_bytes == 12 * s.params + 2 * s.linear_params + acts16 + B * S * 264 * (2 + 12)
+    # the usual recipe (README table): bf16 weights + grads, fp32 master + m + v = 16 bytes/param
+    recipe = M._training_terms(s, 2, B, S, autocast=False, master_weights=True)
+    assert recipe["gradients"] + recipe["fp32 master weights"] + recipe["AdamW states (m, v)"] == 14 * s.params
+    assert M.training_activation_bytes(s, 4, B, S, checkpointing=True) == s.layers * B * S * 64 * 4 + acts // s.layers
+    assert M.activation_factor(M.describe(SMOLLM2), "float32") == 92.0
+
+
+def test_gptq_cast_int8_eval_terms(tiny_shape):
+    s = tiny_shape
+    st = M.ModelState(s, "bfloat16")
+    g = M.predict_stage("gptq", {"nsamples": 8, "seq_len": 32, "dtype": "float16"}, None, st)
+    assert g.breakdown["block inputs + outputs (fp32)"] == 2 * 8 * 32 * 64 * 4
+    assert g.breakdown["replayed sub-module outputs (fp32)"] == 8 * 32 * 4 * (64 + 2 * 160)
+    # largest group: gate+up stacked [320, 64] (8*R*C + 5*C^2) vs down [64, 160]
+    assert g.breakdown["GPTQ solver (largest group)"] == max(8 * 320 * 64 + 5 * 64**2, 8 * 64 * 160 + 5 * 160**2) * 4
+    assert g.breakdown["unquantized weights in float16"] == (s.params - s.linear_params) * 2
+    assert g.output_state.format == "gptq" and g.output_state.dtype == "float16"
+    assert g.output_weights_bytes < st.weights_bytes()
+    rtn = M.predict_stage("gptq", {"method": "rtn"}, None, st)
+    assert "calibration tokens" not in rtn.breakdown and rtn.growth_bytes < g.growth_bytes
+    c = M.predict_stage("cast", {"dtype": "bfloat16"}, None, M.ModelState(s, "float32"))
+    assert c.growth_bytes == s.params * 2 and s.float_buffers == 0 and c.output_state.dtype == "bfloat16"
+    assert M.predict_stage("cast", {"dtype": "fp32"}, None, M.ModelState(s, "float32")).growth_bytes == 0
+    i8 = M.predict_stage("int8", {"calibration_samples": 0}, None, st)
+    assert i8.breakdown["int8 weights + row scales"] == s.linear_params + 4 * s.linear_out_features
+    assert i8.output_state.format == "bnb-int8" and "outlier pass: logits + kv cache" not in i8.breakdown
+    e = M.predict_stage("eval", {"seq_len": 64, "batch_size": 2, "speed": False}, None, st)
+    n = 2 * 64 * 264
+    assert e.breakdown["logits"] + e.breakdown["fp32 logits (upcast or shifted copy)"] + e.breakdown["log-softmax"] \
+        == n * (2 + 4 + 4)
+    e32 = M.predict_stage("eval", {"seq_len": 64, "batch_size": 1, "speed": False}, None, M.ModelState(s, "float32"))
+    assert "fp32 logits (upcast or shifted copy)" not in e32.breakdown   # fp32, one window: no copy
+    with pytest.raises(CompressError, match="plain"):
+        M.predict_stage("train", {}, None, g.output_state)
+    with pytest.raises(CompressError, match="knows no stage"):
+        M.predict_stage("quantum", {}, None, st)
+
+
+PIPELINE = {
+    "name": "t",
+    "eval": {"perplexity": ["zoo:austen"], "seq_len": 512, "max_tokens": 4096},
+    "stages": [
+        {"cast": {"dtype": "bfloat16"}},
+        {"gptq": {"bits": 4, "group_size": 128, "nsamples": 16, "seq_len": 512, "name": "gptq-w4"}},
+        {"prune": {"target": {"layers": 16, "hidden": 384, "heads": 6, "intermediate": 1152}, "from": "base",
+                   "batch_size": 2, "seq_len": 256}},
+        {"distill": {"layers": 8, "teacher": "base", "batch_size": 2, "seq_len": 256}},
+        {"train": {"batch_size": 8, "seq_len": 1024, "tokens": 100_000}},
+    ],
+}
+
+
+def test_plan_flows_state_and_flags_what_does_not_fit():
+    plans = M.plan(PIPELINE, SMOLLM2, device="cpu:4GB")
+    assert [p.name for p in plans] == ["base", "cast", "gptq-w4", "prune", "distill", "train"]
+    base, cast, gptq, prune, distill, train = plans
+    assert base.output_weights_bytes == cast.weights_bytes == 134_515_008 * 4
+    assert gptq.weights_bytes == cast.output_weights_bytes                       # flows from cast
+    assert prune.weights_bytes == base.output_weights_bytes                      # from: base
+    assert prune.output_state.shape.layers == 16 and prune.output_state.shape.hidden == 384
+    assert distill.output_state.shape.layers == 8
+    assert "teacher weights" in distill.breakdown                                # teacher (base) is not the input
+    assert all(p.eval_peak_bytes for p in plans)
+    assert cast.fits and gptq.fits
+    assert train.fits is False
+    assert any("batch_size: 4" in a and "saves" in a for a in train.advice)
+    assert any("mixed_precision: bf16" in a for a in train.advice)
+    table = M.format_table(plans, "cpu:4GB")
+    assert "gptq-w4" in table and "NO" in table and "does not fit" in table
+    assert all(p.fits is None for p in M.plan(PIPELINE, SMOLLM2))
+    with pytest.raises(CompressError, match="from: nowhere"):
+        M.plan({"stages": [{"cast": {"from": "nowhere"}}]}, SMOLLM2)
+
+
+def test_gptq_advice_on_a_small_gpu():
+    seven = M.llama_config("7b")
+    stages = {"stages": [{"cast": {"dtype": "bfloat16"}}, {"gptq": {"nsamples": 256, "seq_len": 2048}}]}
+    on_big = M.plan(stages, seven, "h100-80gb")[2]
+    on_small = M.plan(stages, seven, "rtx4090")[2]
+    assert on_big.fits and on_big.allocated_bytes == on_big.weights_bytes + on_big.growth_bytes
+    assert on_small.fits is False
+    assert any(a.startswith("nsamples: 128") for a in on_small.advice)
+    assert any(a.startswith("method: rtn") for a in on_small.advice)
+
+
+def test_predict_for_run_reads_the_loaded_model(tiny_llama):
+    from types import SimpleNamespace
+
+    from compress.stages import cast
+
+    model, _ = tiny_llama
+    state = M.state_from_model(model)
+    assert (state.dtype, state.format, state.shape.params) == ("float32", "plain", sum(p.numel() for p in model.parameters()))
+    spec = SimpleNamespace(type="cast", source="base", config=cast.Config(dtype="bfloat16"))
+    assert M.predict_for_run(None, spec, model) == state.shape.params * 2
+    assert M.predict_eval_for_run({"seq_len": 32, "batch_size": 1, "speed": False}, model) > 32 * 264 * 8
+
+
+def test_arithmetic_table_is_computed():
+    rows = {r["model"]: r for r in M.arithmetic_rows()}
+    seven = rows["7B"]
+    assert seven["params"] == 6_738_415_616                          # Llama-2-7B
+    assert seven["fp32"] == pytest.approx(28e9 * 6.738 / 7, rel=1e-3)  # "a 7B model needs 28 GB in fp32"
+    assert seven["bf16"] * 2 == seven["fp32"]
+    assert seven["4-bit"] < seven["int8"] < seven["bf16"] < seven["LoRA (frozen base)"] < seven["full fine-tuning"]
+    assert seven["full fine-tuning"] > 16 * seven["params"]
+    assert "| 70B |" in M.arithmetic_table()
+
+
+def test_peak_memory_measures_growth():
+    with M.PeakMemory("cpu") as m:
+        x = torch.ones(16 * 2**20)  # 64 MiB
+        del x
+    assert m.method == "rss-growth"
+    assert 60 * 2**20 <= m.measured_bytes <= 80 * 2**20
+    assert M.compare(64 * 2**20, m.measured_bytes)[1]
+    assert not M.compare(10 * 2**20, 200 * 2**20)[1]
+
+
+def _mid_model(tmp_path, vocab=8192, hidden=512, layers=4):
+    from compress.tiny import build
+
+    cfg = json.loads(TINY_LLAMA.read_text()) | {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+                                               "intermediate_size": 4 * hidden, "num_attention_heads": 8, "head_dim": 64}
+    path = tmp_path / "mid.json"
+    path.write_text(json.dumps(cfg))
+    model, _ = build(path, seed=0)
+    return model, cfg
+
+
+def test_cast_prediction_matches_measurement(tmp_path):
+    model, cfg = _mid_model(tmp_path)   # ~17M params, 67 MB fp32
+    plan = M.predict_stage("cast", {"dtype": "bfloat16"}, cfg)
+    with M.PeakMemory("cpu", model) as m:   # pinned input: measured on top of the resident fp32 weights
+        model.to(torch.bfloat16)
+    err, ok = M.compare(plan.growth_bytes, m.measured_bytes, floor=0)
+    assert err <= 0.25, (plan.growth_bytes, m.measured_bytes)
+
+
+def test_eval_prediction_matches_measurement(tmp_path):
+    model, cfg = _mid_model(tmp_path, vocab=16384, hidden=256, layers=2)
+    x = torch.randint(0, 16384, (1, 512))
+    with torch.no_grad():
+        model(x[:, :16])  # warm-up (the pipeline has already evaluated 00-base)
+    plan = M.predict_stage("eval", {"seq_len": 512, "batch_size": 1}, cfg)
+    with M.PeakMemory("cpu", model) as m, torch.no_grad():
+        model(x, labels=x)
+    err, ok = M.compare(plan.growth_bytes, m.measured_bytes, floor=0)
+    assert err <= 0.25, (plan.growth_bytes, m.measured_bytes)

@@ -117,9 +117,45 @@ def _positive_int(key: str, value, minimum: int = 1) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+# Keys of a recorded protocol that describe the model and machine measured, not the measurement: two numbers
+# whose protocols differ only in these are comparable (a bf16 model's perplexity against its fp32 base's).
+RUN_KEYS = ("dtype", "stored_dtype", "device")
+
+
+def same_protocol(a: dict | None, b: dict | None) -> bool:
+    """True when two recorded protocols measure the same thing (they may differ in RUN_KEYS)."""
+    if a is None or b is None:
+        return a is b
+    strip = lambda p: {k: v for k, v in p.items() if k not in RUN_KEYS}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def upcast_float16_on_cpu(model, device) -> str | None:
+    """On a CPU, compute a float16 model in float32, in place; return "float16" when it did, else None.
+
+    CPUs have no fast float16 matmul (measured here: 3.7x slower than float32, 8.5x slower than bfloat16), and
+    every float16 value is exact in float32, so the weights are unchanged; activations get float32 precision,
+    as CPU runtimes (llama.cpp, ONNX Runtime) compute float16 models. Protocols record it as stored_dtype.
+    bitsandbytes int8 models are left as they are (their kernels choose their own compute dtype).
+    """
+    qc = getattr(model.config, "quantization_config", None) or {}
+    if torch.device(device).type != "cpu" or dict(qc).get("quant_method", "gptq") != "gptq":
+        return None
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.float16 not in floats:
+        return None
+    model.float()
+    return "float16"
+
+
 def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
-    """Evaluate `model` (already on `device`) under `cfg`: {"accuracy": {...}, "speed": {...}}."""
+    """Evaluate `model` (already on `device`) under `cfg`: {"accuracy": {...}, "speed": {...}}.
+
+    A float16 model on a CPU is computed in float32 (`upcast_float16_on_cpu`, in place: pass a model that is
+    loaded for evaluation); every protocol then records stored_dtype float16.
+    """
     device = torch.device(device)
+    stored = upcast_float16_on_cpu(model, device)
     kind = model_kind(model)
     meter = _Throughput(device)
     accuracy: dict = {}
@@ -154,6 +190,11 @@ def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
     finally:
         for m, training in modes:
             m.train(training)
+    if stored:
+        for protocol in [speed.get("protocol"), *(r.get("protocol") for group in accuracy.values()
+                                                  for r in group.values() if isinstance(r, dict))]:
+            if isinstance(protocol, dict):
+                protocol["stored_dtype"] = stored
     return {"accuracy": accuracy, "speed": speed}
 
 

@@ -77,6 +77,7 @@ import gc
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -102,6 +103,9 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 # malloc arenas. Measured 4-12 MiB for a 190k-parameter model; compare predictions to measurements with
 # this floor (see `compare`).
 RSS_NOISE_BYTES = 16 * MiB
+# Importing bitsandbytes 0.50 (its native library, triton stubs) into a process that already runs a model:
+# +43.5 MiB RSS, measured twice on torch 2.13 CPU. Host memory only: nothing on a CUDA device.
+BNB_IMPORT_BYTES = 44 * MiB
 
 
 @dataclass(frozen=True)
@@ -486,6 +490,7 @@ class _Where:
     states: dict = field(default_factory=dict)   # earlier stage names (and 'base') -> ModelState
     input: ModelState | None = None
     data: dict = field(default_factory=dict)     # the pipeline's data block (calibration, train)
+    loaded: set = field(default_factory=set)     # libraries already imported by an earlier stage of this process
 
 
 def _get(cfg: dict, key: str, default):
@@ -546,15 +551,22 @@ def _training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: b
     return terms
 
 
-def _eval_terms(state: ModelState, cfg: dict) -> dict:
+def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu") -> dict:
     """compress/evaluate.py: perplexity windows of seq_len in batches of batch_size with use_cache=False, NLL
     from logits[:, :-1].float() (a copy: bf16 upcast, or the non-contiguous slice when batch > 1) and its
-    log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens)."""
+    log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens). On a CPU a
+    float16 model (plain or GPTQ) is computed in float32 (evaluate.upcast_float16_on_cpu): a float32 copy of
+    its floating tensors, float32 activations."""
     shape, a = state.shape, state.act_bytes
     seq = int(_get(cfg, "seq_len", 512))
     batch = int(_get(cfg, "batch_size", 4))
     n = batch * seq * shape.vocab
+    upcast = {}
+    if kind == "cpu" and state.dtype == "float16" and state.format in ("plain", "gptq"):
+        upcast["float32 copy (float16 computed in float32 on CPU)"] = state.float_numel() * 4
+        a = 4
     terms = {
+        **upcast,
         "logits": n * a,
         "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
         "log-softmax": n * 4,
@@ -677,6 +689,8 @@ def _int8(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     }
     if out_dtype != state.dtype:
         terms[f"unquantized weights in {out_dtype}"] = out.float_numel() * DTYPE_BYTES[out_dtype]
+    if where.kind == "cpu" and "bitsandbytes" not in where.loaded:
+        terms["bitsandbytes library (first import)"] = BNB_IMPORT_BYTES
     if int(_get(cfg, "calibration_samples", 4)) > 0 and where.data.get("calibration"):
         seq, a = int(_get(cfg, "seq_len", 512)), DTYPE_BYTES[out_dtype]
         terms["calibration text"] = data_bytes(shape, [(where.data["calibration"], "train")])
@@ -743,7 +757,7 @@ def _cast(cfg: dict, state: ModelState, where: _Where) -> _Parts:
 
 
 def _eval(cfg: dict, state: ModelState, where: _Where) -> _Parts:
-    return _Parts(_eval_terms(state, cfg), state.weights_bytes(), state)
+    return _Parts(_eval_terms(state, cfg, where.kind), state.weights_bytes(), state)
 
 
 STAGE_MODELS = {"cast": _cast, "gptq": _gptq, "int8": _int8, "train": _train, "prune": _prune,
@@ -808,11 +822,11 @@ def _overhead(device_kind: str) -> int:
 
 def predict_stage(stage_type: str, stage_cfg: dict | None, model_config: Any, state: ModelState | None = None, *,
                   name: str | None = None, index: int = 0, device: Any = None, states: dict | None = None,
-                  eval_cfg: dict | None = None, data: dict | None = None) -> StagePlan:
+                  eval_cfg: dict | None = None, data: dict | None = None, loaded: set | None = None) -> StagePlan:
     """Predict one stage's memory. `state` is the input model's state (default: `model_config` in its
     config dtype, plain); `states` maps earlier stage names (and 'base') to states, for a distill teacher;
     `eval_cfg` (the pipeline's eval block) adds the evaluation of the output; `data` (the pipeline's data
-    block) adds the text the stage loads."""
+    block) adds the text the stage loads; `loaded`: libraries an earlier stage already imported."""
     dev = resolve_device(device)
     kind = dev.kind if dev else "cpu"
     if state is None:
@@ -820,7 +834,7 @@ def predict_stage(stage_type: str, stage_cfg: dict | None, model_config: Any, st
         state = ModelState(shape, dtype=dtype_name(shape.config.get("torch_dtype") or shape.config.get("dtype") or "float32"))
     states = dict(states or {})
     cfg = dict(stage_cfg or {})
-    where = _Where(kind, dev.bytes if dev else None, states, state, dict(data or {}))
+    where = _Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()))
     parts = _stage_parts(stage_type, cfg, state, where)
     growth = int(sum(parts.terms.values()))
     W = state.weights_bytes() if stage_type != "base" else 0
@@ -834,7 +848,7 @@ def predict_stage(stage_type: str, stage_cfg: dict | None, model_config: Any, st
                      breakdown=breakdown, index=index, device_kind=kind, allocated_bytes=allocated,
                      output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out)
     if eval_cfg is not None and stage_type != "eval":
-        ev = int(sum(_eval_terms(parts.out, {**stage_defaults("eval"), **eval_cfg}).values()))
+        ev = int(sum(_eval_terms(parts.out, {**stage_defaults("eval"), **eval_cfg}, kind).values()))
         plan.eval_growth_bytes = ev
         plan.eval_peak_bytes = plan.output_weights_bytes + ev + overhead
     if dev is not None:
@@ -894,10 +908,10 @@ def _advice(stage_type, cfg, state, states, dev, plan, eval_cfg) -> list[str]:
     if eval_cfg is not None and (plan.eval_peak_bytes or 0) > dev.bytes:
         ecfg = {**stage_defaults("eval"), **eval_cfg}
         b, seq = int(_get(ecfg, "batch_size", 4)), int(_get(ecfg, "seq_len", 512))
-        now = sum(_eval_terms(plan.output_state, ecfg).values())
+        now = sum(_eval_terms(plan.output_state, ecfg, dev.kind).values())
         for key, value in (("batch_size", b // 2), ("seq_len", seq // 2)):
             if value >= (1 if key == "batch_size" else 64):
-                s = now - sum(_eval_terms(plan.output_state, {**ecfg, key: value}).values())
+                s = now - sum(_eval_terms(plan.output_state, {**ecfg, key: value}, dev.kind).values())
                 tips.append(f"eval {key}: {value}: saves {fmt_bytes(s)} in evaluation")
     return tips
 
@@ -934,6 +948,7 @@ def plan(pipeline: dict, model_config: Any, device: Any = None) -> list[StagePla
     data = pipeline.get("data") if isinstance(pipeline.get("data"), dict) else {}
     plans = [predict_stage("base", {}, None, state, name="base", index=0, device=device, eval_cfg=eval_cfg)]
     prev = state
+    loaded: set = set()  # libraries the stages before import into the one process (`compress run`)
     for i, (stype, sname, cfg) in enumerate(_stage_items(pipeline), start=1):
         src = cfg.get("from")
         inp = prev if src is None else states.get(str(src))
@@ -941,8 +956,10 @@ def plan(pipeline: dict, model_config: Any, device: Any = None) -> list[StagePla
             raise CompressError(f"stage {sname!r}: `from: {src}` names no earlier stage; known: {', '.join(states)}")
         stage_cfg = {k: v for k, v in cfg.items() if k not in ("from", "name", "include")}
         p = predict_stage(stype, stage_cfg, None, inp, name=sname, index=i, device=device, states=states,
-                          eval_cfg=eval_cfg if stype != "eval" else None, data=data)
+                          eval_cfg=eval_cfg if stype != "eval" else None, data=data, loaded=loaded)
         plans.append(p)
+        if stype == "int8":
+            loaded.add("bitsandbytes")
         prev = p.output_state
         states[sname] = prev
         states[str(i)] = prev
@@ -1204,11 +1221,14 @@ def predict_for_run(pipe, spec, model) -> int:
     cfg = dataclasses.asdict(spec.config) if dataclasses.is_dataclass(spec.config) else dict(spec.config or {})
     states = {spec.source: state, "base": state}
     data = getattr(pipe, "data", None) or {}
-    return predict_stage(spec.type, cfg, None, state, device=machine(next(model.parameters()).device), states=states, data=data).growth_bytes
+    loaded = {lib for lib in ("bitsandbytes",) if lib in sys.modules}
+    return predict_stage(spec.type, cfg, None, state, device=machine(next(model.parameters()).device), states=states,
+                         data=data, loaded=loaded).growth_bytes
 
 
 def predict_eval_for_run(eval_cfg, model) -> int:
     """Predicted growth of evaluating `model` under the pipeline's eval block (EvalConfig or dict): compare
     with memory.eval_measured_peak_bytes."""
     cfg = dataclasses.asdict(eval_cfg) if dataclasses.is_dataclass(eval_cfg) else dict(eval_cfg or {})
-    return int(sum(_eval_terms(state_from_model(model), {**stage_defaults("eval"), **cfg}).values()))
+    kind = next(model.parameters()).device.type
+    return int(sum(_eval_terms(state_from_model(model), {**stage_defaults("eval"), **cfg}, kind).values()))

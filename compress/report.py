@@ -6,7 +6,8 @@ reads `<run>/NN-name/manifest.json` (manifest.py's schema; a folder without one 
 is skipped), and gives per stage: format, parameters, disk size, bits per weight, measured (and predicted)
 peak memory, perplexity per eval set with its change against that run's 00-base, eval and decode tokens/s,
 stage seconds. Perplexities are compared only when their eval protocols (dataset fingerprint, split,
-seq_len, tokens...) are equal, as the manifest records them; otherwise the change is left blank.
+seq_len, tokens...) are equal, as the manifest records them (evaluate.same_protocol: the model's dtype and
+device may differ); otherwise the change is left blank.
 `pareto_plot` draws disk size (or weights memory) against the first eval set's perplexity, one point per
 stage, a marker per run, and the frontier of stages no other stage beats on both axes.
 
@@ -22,6 +23,7 @@ import math
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.evaluate import same_protocol
 from compress.memory import fmt_bytes
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
@@ -62,7 +64,7 @@ def collect(run_dirs) -> list[dict]:
             ppl = _perplexities(m)
             change = {}
             for spec, (value, protocol) in ppl.items():
-                if spec in base_ppl and base_ppl[spec][1] == protocol and base_ppl[spec][0]:
+                if spec in base_ppl and same_protocol(base_ppl[spec][1], protocol) and base_ppl[spec][0]:
                     change[spec] = 100.0 * (value - base_ppl[spec][0]) / base_ppl[spec][0]
             size, mem, speed = m.get("size") or {}, m.get("memory") or {}, m.get("speed") or {}
             rows.append({
@@ -252,7 +254,7 @@ def pareto_plot(rows: list[dict], out_png, metric: str = "disk_bytes", eval_set:
     spec = eval_set or specs[0]
     # only points measured under one protocol are comparable: the first row's (normally 00-base's)
     ref = next(r["perplexity_protocol"][spec] for r in rows if spec in r["perplexity"])
-    pts = [r for r in rows if spec in r["perplexity"] and r.get(metric) and r["perplexity_protocol"][spec] == ref]
+    pts = [r for r in rows if spec in r["perplexity"] and r.get(metric) and same_protocol(r["perplexity_protocol"][spec], ref)]
     skipped = sum(1 for r in rows if spec in r["perplexity"] and r not in pts)
     if not pts:
         raise CompressError(f"no stage has both {metric} and a perplexity on {spec}")

@@ -35,11 +35,22 @@ ROW_FORMAT = 0  # bitsandbytes' `weight_format` code for row-major int8 weights 
 
 
 def require_bitsandbytes():
-    """The bitsandbytes module, or a CompressError that says how to install it."""
+    """The bitsandbytes module, or a CompressError that says how to install it.
+
+    Its CPU backend warns at import that a 4-bit kernel (fetched from the hub by the `kernels` package) is
+    missing; LLM.int8() does not use it, so that one logger is quiet while importing.
+    """
+    import logging
+
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
         raise CompressError("int8 needs bitsandbytes: pip install 'compress[int8]'") from None
+    finally:
+        cpu_ops.setLevel(level)
     return bitsandbytes
 
 

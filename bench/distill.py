@@ -96,7 +96,8 @@ def bench_minilm(args) -> dict:
     before = agreement(init_only)
     del init_only
     cfg = distill.Config(layers=args.layers, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, save_every=0, eval_tokens=4096)
+                         lr=args.lr, save_every=0, eval_tokens=4096, inputs=args.inputs, alpha_sim=args.alpha_sim,
+                         alpha_mse=args.alpha_mse, hidden_layers=args.hidden_layers)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
         student, stats = distill.run(teacher, tok, cfg, _context(Path(work)))
@@ -172,7 +173,9 @@ def render(results: dict) -> str:
     m = results.get("minilm")
     if m:
         lines += [f"## (a) {m['what']}", "", f"Budget: {m['tokens']:,} training tokens "
-                  f"(seq_len {m['config']['seq_len']}, batch {m['config']['batch_size']}, lr {m['config']['lr']}), "
+                  f"({m['stats'].get('inputs', 'blocks')} of at most {m['config']['seq_len']} tokens, batch "
+                  f"{m['config']['batch_size']}, lr {m['config']['lr']}, loss weights {m['stats']['weights']}, "
+                  f"hidden states: {m['config']['hidden_layers']}), "
                   f"{m['stage_seconds']} s stage wall time, {m['tokens_per_s']} tokens/s, "
                   f"{m['env']['threads']} threads, load average {m['env']['load_average_at_start']}."
                   + (" **SMOKE RUN: budget too small to mean anything.**" if m.get("smoke") else ""), "",
@@ -215,6 +218,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--pairs", type=int, default=256, help="minilm: sentence pairs per source")
+    ap.add_argument("--inputs", default="auto", help="minilm: distill.inputs (auto = sentences for this encoder)")
+    ap.add_argument("--alpha-sim", type=float, default=0.0, help="minilm: weight of the batch similarity term")
+    ap.add_argument("--alpha-mse", type=float, default=0.0, help="minilm: weight of the token-state MSE term")
+    ap.add_argument("--hidden-layers", default="last", help="minilm: last | mapped")
     ap.add_argument("--eval-seq-len", type=int, default=512, help="smollm2: perplexity window")
     ap.add_argument("--eval-tokens", type=int, default=20480, help="smollm2: perplexity tokens per source")
     ap.add_argument("--threads", type=int, default=2)

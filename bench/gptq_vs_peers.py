@@ -127,7 +127,7 @@ def run_all(args) -> None:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, timeout=args.timeout)
+            proc = subprocess.run(cmd, env=env, timeout=args.timeout, cwd=work)  # GPTQModel logs into cwd/logs
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"

@@ -297,6 +297,45 @@ def token_blocks(tokenizer, spec: str, split: str, seq_len: int, max_tokens: int
     return blocks
 
 
+def sentences(texts: list[str], n: int | None = None) -> list[str]:
+    """The first n (None: all) sentences of 3..64 words in texts (split after . ! ? followed by whitespace)."""
+    out = []
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
+            if 3 <= len(s.split()) <= 64:
+                out.append(s)
+                if len(out) == n:
+                    return out
+    return out
+
+
+def sentence_rows(tokenizer, spec: str, split: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """One sentence per row [n, seq_len]: the tokenizer's own special tokens (BERT: [CLS] ... [SEP]), truncated to
+    seq_len, right-padded with its pad id; rows are taken in order until max_tokens real tokens (None: all).
+
+    The input a sentence embedder sees (compress.evaluate's agreement embeds sentences the same way), for
+    distilling one; positions holding the pad id are padding.
+    """
+    if tokenizer.pad_token_id is None:
+        raise CompressError("sentence rows need a tokenizer with a pad token")
+    sents = sentences(split_texts(spec, split))
+    if not sents:
+        raise CompressError(f"{spec} {split} split has no sentence of 3 to 64 words")
+    rows, total = [], 0
+    for start in range(0, len(sents), 1024):
+        enc = tokenizer(sents[start:start + 1024], truncation=True, max_length=seq_len, padding="max_length",
+                        return_tensors="pt", verbose=False)["input_ids"]      # (b, seq_len)
+        rows.append(enc)
+        total += int((enc != tokenizer.pad_token_id).sum())
+        if max_tokens is not None and total >= max_tokens:
+            break
+    out = torch.cat(rows)
+    if max_tokens is not None:
+        real = (out != tokenizer.pad_token_id).sum(1).cumsum(0)
+        out = out[: max(1, int((real < max_tokens).sum()) + 1)]
+    return out
+
+
 def calibration_blocks(tokenizer, spec: str, n: int, seq_len: int, seed: int, bos: bool = True) -> torch.Tensor:
     """n windows [n, seq_len] at seeded random offsets of the TRAIN stream (same block shape as token_blocks)."""
     _check_lengths(seq_len, None, bos)

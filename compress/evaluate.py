@@ -381,18 +381,6 @@ def spearman(a, b) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
-def sentences(texts: list[str], n: int) -> list[str]:
-    """The first n sentences of 3..64 words in texts (split after . ! ? followed by whitespace)."""
-    out = []
-    for text in texts:
-        for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
-            if 3 <= len(s.split()) <= 64:
-                out.append(s)
-                if len(out) == n:
-                    return out
-    return out
-
-
 def embed(model, tokenizer, texts: list[str], max_length: int, device, meter: _Throughput | None = None) -> torch.Tensor:
     """Attention-masked mean of the last hidden state, float32 [len(texts), hidden]."""
     pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
@@ -419,7 +407,7 @@ def agreement(model, tokenizer, spec: str, cfg: EvalConfig, device, base_model=N
     """{"spearman", "mean_cosine", "protocol"}: how well `model`'s sentence geometry matches the base's."""
     device = torch.device(device)
     texts = data.split_texts(spec, "test")
-    sents = sentences(texts, 2 * cfg.agreement_pairs)
+    sents = data.sentences(texts, 2 * cfg.agreement_pairs)
     if len(sents) < 4:
         raise CompressError(f"{spec} test split has {len(sents)} usable sentences; agreement needs at least 4")
     sents = sents[: len(sents) // 2 * 2]

@@ -646,33 +646,59 @@ def _gptq(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     lin = out.quantized_linears()
     h, kvd, inter = shape.hidden, shape.kvd, shape.intermediate
     groups = _linear_groups(shape)
-    terms = {}
+    terms, notes = {}, []
+    results = sum(i * o for _, i, o in lin) * 5                     # one block's Q (fp32) + codes (int8)
+    packed = gptq_linear_bytes(lin, shape.layers, bits, g)          # accumulates: all of it by the last block
+    cast = out.float_numel() * DTYPE_BYTES[out_dtype] if out_dtype != state.dtype else 0  # at the very end
+    block_copy = shape.layer_params * 4 if state.dtype != "float32" else 0  # the block computed in fp32
     if str(_get(cfg, "method", "gptq")).lower() == "rtn":
         terms["RTN transients (largest linear)"] = max(i * o for _, i, o in lin) * 4 * 4   # W fp32, codes, Q, error
-    else:
-        tokens = n * seq
-        spec = _get(cfg, "calibration", None) or where.data.get("calibration")
-        terms["calibration text"] = data_bytes(shape, [(spec, "train")]) if spec else 0
-        terms["calibration tokens"] = tokens * 8
-        terms["block inputs + outputs (fp32)"] = 2 * tokens * h * 4
-        if len(groups) == 4 and _get(cfg, "true_sequential", True):
-            # recorded outputs, fp32: q,k,v + attention output (pass of gate/up), attention + gate,up (pass of down)
+        terms["block results (Q fp32 + codes)"] = results
+        terms["packed output"] = packed
+        if block_copy:
+            terms["fp32 copy of one block"] = block_copy
+        if cast:
+            terms[f"unquantized weights in {out_dtype}"] = cast
+        return _Parts(terms, state.weights_bytes(), out)
+    # GPTQ. Phases, each with what is alive in it (the input model stays resident throughout):
+    #   start: the calibration text is read and tokenized, block 0's inputs captured;
+    #   last block: block inputs + outputs, the replayed sub-module outputs of the block, the solver of its
+    #     largest group (or, without replay, a full block forward), its results, and the packed output so far
+    #     (by then nearly all of it);
+    #   end: the packed output, everything unquantized cast to `dtype`.
+    tokens = n * seq
+    spec = _get(cfg, "calibration", None) or where.data.get("calibration")
+    io = 2 * tokens * h * 4
+    replay = 0
+    if len(groups) == 4 and _get(cfg, "true_sequential", True):
+        # recorded outputs, fp32: q,k,v + attention output (pass of gate/up), attention + gate,up (pass of down)
+        need = sum(o for grp in groups[:-1] for _, _, o in grp) * tokens * 4
+        if where.device_bytes is None or need <= where.device_bytes // 4:
             replay = tokens * 4 * max(2 * h + 2 * kvd, h + 2 * inter)
-            need = sum(o for grp in groups[:-1] for _, _, o in grp) * tokens * 4
-            if where.device_bytes is None or need <= where.device_bytes // 4:
-                terms["replayed sub-module outputs (fp32)"] = replay
-        terms["block forward (fp32)"] = inference_layer_bytes(shape, 4, batch, seq)
-        # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, error terms ~ 8 R*C; H, its
-        # scaled and raw copies, Cholesky inverse ~ 5 C^2 (compress/algorithms/gptq.py)
-        terms["GPTQ solver (largest group)"] = max(
-            (8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups)
-    if state.dtype != "float32":
-        terms["fp32 copy of one block"] = shape.layer_params * 4
-    terms["block results (Q fp32 + codes)"] = sum(i * o for _, i, o in lin) * 5
-    terms["packed output"] = gptq_linear_bytes(lin, shape.layers, bits, g)
-    if out_dtype != state.dtype:
-        terms[f"unquantized weights in {out_dtype}"] = out.float_numel() * DTYPE_BYTES[out_dtype]
-    return _Parts(terms, state.weights_bytes(), out)
+    # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, error terms ~ 8 R*C; H, its
+    # scaled and raw copies, Cholesky inverse ~ 5 C^2 (compress/algorithms/gptq.py)
+    solver = max((8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups)
+    forward = inference_layer_bytes(shape, 4, batch, seq)
+    main = {"block inputs + outputs (fp32)": io}
+    if replay:
+        main["replayed sub-module outputs (fp32)"] = replay
+        main["GPTQ solver (largest group)"] = solver
+    else:
+        main["GPTQ solver or block forward (fp32), the larger"] = max(solver, forward)
+    main.update({"block results (Q fp32 + codes)": results, "packed output": packed})
+    if block_copy:
+        main["fp32 copy of one block"] = block_copy
+    phases = {
+        "start": {"calibration text": data_bytes(shape, [(spec, "train")]) if spec else 0,
+                  "calibration tokens": tokens * 8, "block 0 inputs (fp32)": tokens * h * 4},
+        "last block": main,
+        "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast},
+    }
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    terms = {k: v for k, v in phases[peak].items() if v}
+    notes = [f"peak in the {peak} phase; " + ", ".join(f"{k} phase {fmt_bytes(sum(v.values()))}"
+                                                      for k, v in phases.items() if k != peak)]
+    return _Parts(terms, state.weights_bytes(), out, notes)
 
 
 def _int8(cfg: dict, state: ModelState, where: _Where) -> _Parts:

@@ -157,3 +157,20 @@ def test_length_errors(tiny_llama, text_file):
         data.token_blocks(tok, str(text_file), "test", seq_len=100_000)
     with pytest.raises(CompressError, match="unknown split"):
         data.token_ids(tok, str(text_file), "dev")
+
+
+def test_sentence_rows_are_padded_sentences(text_file):
+    from compress.tiny import build
+
+    from conftest import TINY_BERT
+
+    _, tok = build(TINY_BERT)  # byte-level: one id per byte, no special tokens added
+    rows = data.sentence_rows(tok, str(text_file), "train", seq_len=48)
+    first = data.sentences(data.split_texts(str(text_file), "train"), 1)[0]
+    real = rows != tok.pad_token_id
+    assert rows.shape[1] == 48 and rows.dtype == torch.long
+    assert tok.decode(rows[0][real[0]]) == first[:48]  # one sentence per row, truncated to seq_len
+    assert bool((real.long().diff(dim=1) <= 0).all())  # right padding: no token after a pad
+    capped = data.sentence_rows(tok, str(text_file), "train", seq_len=48, max_tokens=200)
+    assert torch.equal(capped, rows[: len(capped)])
+    assert (capped != tok.pad_token_id).sum() >= 200 > (capped[:-1] != tok.pad_token_id).sum()

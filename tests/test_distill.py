@@ -324,6 +324,7 @@ def test_encoder_distill_pipeline_is_scored_by_agreement(tmp_path):
     agreement = m["accuracy"]["agreement"][str(text_file)]
     assert agreement["protocol"]["reference"] == "base" and math.isfinite(agreement["spearman"])
     assert m["stats"]["student"]["layers"] == 2 and m["size"]["params"] < manifest.read(run / "00-base")["size"]["params"]
+    assert m["stats"]["inputs"] == "sentences" and m["stats"]["mean_row_tokens"] < 32  # padded sentence rows
     reloaded, _ = checkpoint.load(run / "01-distill")
     assert type(reloaded).__name__ == "BertModel" and reloaded.config.num_hidden_layers == 2
 

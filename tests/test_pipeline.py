@@ -385,3 +385,29 @@ def test_eval_stage_records_without_copying_weights(tmp_path, text_file):
     assert res[3].manifest["input"]["hash"] == res[1].manifest["output_hash"]
     again = pipeline.run(pipeline.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
     assert [r.status for r in again] == ["skipped"] * 4
+
+
+def test_stage_predicted_not_to_fit_is_refused_before_work_unless_forced(tmp_path, monkeypatch):
+    from compress import memory
+
+    small = memory.Device("test-device", "cpu", 300 * 2**20)  # below the planner's fixed CPU process overhead
+    monkeypatch.setattr(memory, "machine", lambda device: small)
+    p = write_pipeline(tmp_path, SMOKE)
+    out = tmp_path / "runs"
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(out), "-q"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "predicted not to fit" in r.output and "test-device" in r.output and "--force" in r.output
+    assert not (out / "smoke").exists() or not any((out / "smoke").iterdir())  # nothing started
+    r = cli("run", str(p), "--out", str(out), "-q", "--force")
+    assert r.exit_code == 0 and manifest.read(out / "smoke" / "02-fp16") is not None
+
+
+def test_run_writes_a_report_and_prints_the_table(tmp_path, text_file):
+    p = write_pipeline(tmp_path, SMOKE + f"eval: {{perplexity: [{text_file}], seq_len: 32, max_tokens: 256}}\n")
+    r = cli("run", str(p), "--out", str(tmp_path / "runs"), "-q")
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "smoke"
+    assert (run / "report.md").is_file() and (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    head = r.stdout.splitlines()[0].split()
+    assert head[:2] == ["stage", "status"] and "ppl" in head
+    assert "02-fp16  done" in r.stdout and "(x" in r.stdout  # eval speed relative to the base model

@@ -35,8 +35,12 @@ pooled cosine-similarity matrices; defaults 5 / 2 / 1 / 0 / 0 / 0, T = 2 (pool: 
 - Student narrower than the teacher (e.g. after `prune` with `hidden`): a learned projection W [d_t, d_s]
   (TinyBERT) maps student states before the hidden-state terms; it is trained with the student, then dropped.
 
-Text: the stage's `data` (or the pipeline's data.train) train splits, one token block per row, domains
-mixed uniformly; steps = ceil(tokens / (batch_size * seq_len * grad_accum * processes)). Stats: the loss and
+Text: the stage's `data` (or the pipeline's data.train) train splits, domains mixed uniformly, as rows of
+`inputs`: `blocks` = contiguous token windows of seq_len (language models), `sentences` = one sentence per row
+with the tokenizer's special tokens, padded and attention-masked (data.sentence_rows: what a sentence embedder
+is used on, and what the agreement metric embeds; the default for bare encoders). steps = ceil(tokens / (
+batch_size * real tokens per row * grad_accum * processes)), real tokens per row = seq_len for blocks, the mean
+sentence length for sentences. Stats: the loss and
 each term over time (downsampled), the distillation terms on held-out validation blocks before and after,
 student and teacher shapes, parameter ratio, the teacher reference and content hash.
 
@@ -63,6 +67,7 @@ from compress.errors import CompressError
 
 NAME = "distill"
 HIDDEN_LAYERS = ("last", "mapped")
+INPUTS = ("auto", "blocks", "sentences")
 MLM_SEED = 0  # masking of the validation blocks (the before/after measurement) is fixed by this seed
 
 
@@ -79,6 +84,7 @@ class Config:
     alpha_pool: float | None = None   # 1 - cos of mean-pooled embeddings; null = 1.0 for bare encoders, 0 otherwise
     alpha_sim: float = 0.0            # MSE of the batch's pooled cosine-similarity matrices: the geometry agreement scores
     hidden_layers: str = "last"       # last (DistilBERT) | mapped: every student layer against its teacher layer
+    inputs: str = "auto"              # blocks (token windows) | sentences (one padded sentence per row) | auto: sentences for bare encoders
     mlm_probability: float = 0.15     # masked LMs: fraction of tokens masked (BERT's 15%)
     tokens: int = 1_000_000           # token budget over all processes; sets the number of steps
     batch_size: int = 8               # sequences per micro-batch per process (memory: teacher + student logits)
@@ -113,6 +119,8 @@ class Config:
             raise CompressError(
                 f"distill.hidden_layers must be one of {', '.join(HIDDEN_LAYERS)}, got {self.hidden_layers!r}"
             )
+        if self.inputs not in INPUTS:
+            raise CompressError(f"distill.inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise CompressError(f"distill.temperature must be > 0, got {self.temperature!r}")
         for name in ("alpha_kl", "alpha_lm", "alpha_cos", "alpha_mse", "alpha_pool", "alpha_sim"):
@@ -251,6 +259,16 @@ class _Setup:
     vocab: int
     special: list[int]
     mlm_probability: float
+    pad_id: int | None = None          # sentence rows: positions holding it are padding (None: blocks, no padding)
+
+
+def _unpad(ids: torch.Tensor, s: _Setup) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids cut to the batch's longest row, attention mask) for sentence rows; (ids, None) for blocks."""
+    if s.pad_id is None:
+        return ids, None
+    mask = ids != s.pad_id                                               # (B, L)
+    width = int(mask.sum(1).max())
+    return ids[:, :width], mask[:, :width].long()
 
 
 def _prepare(ids: torch.Tensor, s: _Setup, generator=None):
@@ -262,8 +280,10 @@ def _prepare(ids: torch.Tensor, s: _Setup, generator=None):
     return ids, None, None
 
 
-def _batch_loss(student, teacher, inputs, labels, kl_mask, s: _Setup):
+def _batch_loss(student, teacher, inputs, labels, kl_mask, s: _Setup, attention_mask=None):
     kw = {"use_cache": False} if s.kind == "causal" else {}
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask
     need_h = s.weights.uses_hidden
     with torch.no_grad():
         t_out = teacher(input_ids=inputs, output_hidden_states=need_h, **kw)
@@ -274,6 +294,7 @@ def _batch_loss(student, teacher, inputs, labels, kl_mask, s: _Setup):
     return kd.distillation_loss(
         s.weights, getattr(s_out, "logits", None), getattr(t_out, "logits", None), pairs,
         lm=s_out.loss if "labels" in kw else None, kl_mask=kl_mask, proj=s.proj,
+        token_mask=None if attention_mask is None else attention_mask.bool(),
     )
 
 
@@ -285,10 +306,11 @@ def _measure(student, teacher, blocks: torch.Tensor, s: _Setup, batch_size: int,
     g = torch.Generator().manual_seed(MLM_SEED)
     sums: dict[str, float] = {}
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size]                                        # (b, L) on CPU
+        ids, mask = _unpad(blocks[i:i + batch_size], s)                      # (b, L) on CPU
         inputs, labels, kl_mask = (None if t is None else t.to(device) for t in _prepare(ids, s, g))
+        mask = None if mask is None else mask.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            total, logs = _batch_loss(student, teacher, inputs, labels, kl_mask, s)
+            total, logs = _batch_loss(student, teacher, inputs, labels, kl_mask, s, mask)
         for k, v in {"loss": total, **logs}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
     student.train(was_training)
@@ -392,11 +414,22 @@ def run(model, tokenizer, cfg: Config, ctx):
                    vocab=_vocab(student), special=special, mlm_probability=cfg.mlm_probability)
 
     # -- data
-    train_blocks = {d: data.token_blocks(tokenizer, d, "train", cfg.seq_len) for d in domains}  # each [n_i, T]
+    inputs = cfg.inputs if cfg.inputs != "auto" else ("sentences" if kind == "bare" else "blocks")
     per_domain = max(cfg.seq_len, cfg.eval_tokens // len(domains))
-    val = torch.cat([data.token_blocks(tokenizer, d, "validation", cfg.seq_len, max_tokens=per_domain)
-                     for d in domains])                                                           # [n_val, T]
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * state.num_processes
+    if inputs == "sentences":
+        setup.pad_id = tokenizer.pad_token_id
+        if kind == "causal":
+            raise CompressError("distill.inputs: sentences is for encoders; a causal LM learns from token blocks")
+        train_blocks = {d: data.sentence_rows(tokenizer, d, "train", cfg.seq_len) for d in domains}  # [n_i, T] padded
+        val = torch.cat([data.sentence_rows(tokenizer, d, "validation", cfg.seq_len, max_tokens=per_domain)
+                         for d in domains])
+        row_tokens = float(torch.cat([(b != setup.pad_id).sum(1) for b in train_blocks.values()]).float().mean())
+    else:
+        train_blocks = {d: data.token_blocks(tokenizer, d, "train", cfg.seq_len) for d in domains}  # each [n_i, T]
+        val = torch.cat([data.token_blocks(tokenizer, d, "validation", cfg.seq_len, max_tokens=per_domain)
+                         for d in domains])                                                           # [n_val, T]
+        row_tokens = float(cfg.seq_len)
+    tokens_per_step = round(cfg.batch_size * row_tokens * cfg.grad_accum * state.num_processes)  # real tokens
     steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
     ctx.log(f"[distill] {n}-layer teacher ({t_ref}) -> {m}-layer student, {steps} steps of {tokens_per_step} tokens")
 
@@ -408,9 +441,9 @@ def run(model, tokenizer, cfg: Config, ctx):
                                    world_size=state.num_processes)
 
     def loss_fn(wrapped, batch):
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch   # [B, T]
+        ids, mask = _unpad(batch["input_ids"] if isinstance(batch, dict) else batch, setup)   # [B, T]
         inputs, labels, kl_mask = _prepare(ids, setup)
-        return _batch_loss(wrapped, teacher, inputs, labels, kl_mask, setup)
+        return _batch_loss(wrapped, teacher, inputs, labels, kl_mask, setup, mask)
 
     tcfg = engine.TrainConfig(
         steps=steps, lr=cfg.lr, warmup_steps=round(cfg.warmup * steps), min_lr_ratio=cfg.min_lr_ratio,
@@ -437,7 +470,7 @@ def run(model, tokenizer, cfg: Config, ctx):
         "steps": steps, "tokens": result.tokens, "tokens_per_step": tokens_per_step,
         "train_seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
         "resumed_from_step": result.resumed_from, "processes": state.num_processes, "domains": domains,
-        "val_blocks": int(len(val)),
+        "inputs": inputs, "mean_row_tokens": round(row_tokens, 2), "val_blocks": int(len(val)),
         "val_start": start, "val_end": end,
         "loss_curve": engine.downsample(result.history, "loss", 100),
         "loss_terms": {k: engine.downsample(result.history, k, 100) for k in terms},

@@ -80,6 +80,11 @@ def run(pipeline_file, out, force, dry_run, quiet):
 
     A rerun skips stages whose input and config are unchanged (it says so); a stage that was interrupted
     is redone, the stages before it are kept.
+
+    \b
+    Several GPUs (or CPU processes): the training stages (prune, train, distill) run data-parallel,
+    everything else on the main process:
+      accelerate launch --multi_gpu --num_processes 4 -m compress.cli run my.yaml
     """
     from compress import pipeline, report
 
@@ -98,6 +103,8 @@ def run(pipeline_file, out, force, dry_run, quiet):
         _log(f"[{res.folder}] {word[res.status]}")
 
     results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show)
+    if not pipeline.is_main_process():  # `accelerate launch`: the main process prints the summary
+        return
     run_dir = Path(out) / pipe.name
     click.echo(report.to_text(report.collect([run_dir]), {r.folder: r.status for r in results}))
     click.echo(f"\nrun folder: {run_dir} (report.md, pareto.png; `compress report {run_dir}` to compare runs)")

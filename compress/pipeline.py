@@ -26,8 +26,11 @@ import dataclasses
 import hashlib
 import json
 import re
+import os
 import shutil
+import time
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -410,27 +413,108 @@ def run(
     quiet: bool = False,
     on_result: Callable[[StageResult], None] | None = None,
 ) -> list[StageResult]:
-    """Run every stage of `pipe` into <out_root>/<name>/, skipping what is already done; see module doc."""
+    """Run every stage of `pipe` into <out_root>/<name>/, skipping what is already done; see module doc.
+
+    Under `accelerate launch` (several processes) every process calls this; see _Ranks for who does what.
+    """
     check_model_spec(pipe.model, pipe.allow_pickle)
     out = Path(out_root) / pipe.name
-    check_writable(out)
     device = pick_device(pipe.device)
-    if not force:
-        check_memory(pipe, device)
-    if device.type == "cpu":
+    ranks = _Ranks(out, device)
+    if ranks.main:
+        check_writable(out)
+        if not force:
+            check_memory(pipe, ranks.device)
+    if ranks.device.type == "cpu":
         memory.fixed_mmap_threshold()  # RSS then follows live tensors, so measured peaks mean what the planner means
-    _clean_partials(out)
-    _write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))
-    runner = _Runner(pipe, out, device, force, log, quiet)
+    if ranks.main:
+        _clean_partials(out)
+        _write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))
+    ranks.begin()
+    runner = _Runner(pipe, out, ranks.device, force, log if ranks.main else (lambda m: None), quiet or not ranks.main,
+                     ranks)
     results = []
     for res in runner.all():
         results.append(res)
-        if on_result:
+        if on_result and ranks.main:
             on_result(res)
-    from compress import report
+    if ranks.main:
+        from compress import report
 
-    report.write(out)
+        report.write(out)
+    ranks.end()
     return results
+
+
+def is_main_process() -> bool:
+    """False in the processes other than rank 0 that `accelerate launch` / torchrun started."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class _Ranks:
+    """Who does what when `accelerate launch` (torchrun) started several processes; one process does it all.
+
+    Only the main process (rank 0) writes: checkpoints, manifests, pipeline.yaml, the report. Stages that train
+    (their module says DISTRIBUTED = True: prune, train, distill) run on every process, each process on its own
+    shard of the batches (DDP through accelerate; FSDP from accelerate's config); every other stage, the saves,
+    round-trip checks and evaluations run on the main process alone. The other processes follow through marker
+    files the main one writes into <run>/.sync-<token>/: NN.start (whether stage NN runs) and NN.done (its
+    folder, output hash, status); they poll them rather than wait in a collective, so a GPTQ or an evaluation
+    that keeps the main process busy for hours hits no process-group timeout. When a process fails, torchrun
+    ends the others; the main process also leaves a `failed` marker that stops the followers.
+    """
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self, out: Path, device: torch.device):
+        self.n = int(os.environ.get("WORLD_SIZE", "1"))
+        self.out, self.device, self.main, self.sync = out, device, True, None
+        if self.n > 1:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=device.type == "cpu")  # on CPU: a gloo group (see compress/train.py)
+            self.main, self.device, self.state = state.is_main_process, state.device, state
+
+    def begin(self) -> None:
+        """Agree on this invocation's marker folder (one broadcast)."""
+        if self.n == 1:
+            return
+        from accelerate.utils import broadcast_object_list
+
+        token = [uuid.uuid4().hex[:12] if self.main else None]
+        broadcast_object_list(token)
+        self.sync = self.out / f".sync-{token[0]}"
+        if self.main:
+            self.sync.mkdir(parents=True, exist_ok=True)
+
+    def started(self, index: int, runs: bool) -> None:
+        self._write(f"{index:02d}.start", {"runs": runs})
+
+    def done(self, index: int, folder: Path, output_hash: str, status: str) -> None:
+        self._write(f"{index:02d}.done", {"folder": str(folder), "hash": output_hash, "status": status})
+
+    def failed(self, error: BaseException) -> None:
+        self._write("failed", {"error": f"{type(error).__name__}: {error}"})
+
+    def wait(self, name: str) -> dict:
+        path = self.sync / name
+        while not path.is_file():
+            if (self.sync / "failed").is_file():
+                err = json.loads((self.sync / "failed").read_text())["error"]
+                raise CompressError(f"the main process stopped ({err}); this process stops too")
+            time.sleep(self.POLL_SECONDS)
+        return json.loads(path.read_text())
+
+    def end(self) -> None:
+        if self.n == 1:
+            return
+        self.state.wait_for_everyone()  # every follower has read the last marker
+        if self.main:
+            shutil.rmtree(self.sync, ignore_errors=True)
+
+    def _write(self, name: str, obj: dict) -> None:
+        if self.n > 1 and self.main:
+            _write_text_atomic(self.sync / name, json.dumps(obj))
 
 
 def model_config(pipe: Pipeline) -> dict:
@@ -457,16 +541,38 @@ def check_memory(pipe: Pipeline, device: torch.device) -> None:
 
 
 class _Runner:
-    def __init__(self, pipe, out, device, force, log, quiet):
+    def __init__(self, pipe, out, device, force, log, quiet, ranks: _Ranks):
         self.pipe, self.out, self.device, self.force, self.log, self.quiet = pipe, out, device, force, log, quiet
+        self.ranks = ranks
         self.folders: dict[str, Path] = {}   # stage name -> finished folder
         self.hashes: dict[str, str] = {}     # stage name -> output hash
         self.eval_hash = eval_hash(pipe)
 
     def all(self):
-        yield self.base()
+        if not self.ranks.main:
+            yield from self._follow()
+            return
+        try:
+            for index, step in enumerate([self.base, *(lambda s=s: self.stage(s) for s in self.pipe.stages)]):
+                res = step()
+                name = "base" if index == 0 else self.pipe.stages[index - 1].name
+                self.ranks.done(index, self.folders[name], self.hashes[name], res.status)
+                yield res
+        except BaseException as e:
+            self.ranks.failed(e)
+            raise
+
+    def _follow(self):
+        """A process other than the main one: join the training stages, take every stage's result from the main."""
+        info = self.ranks.wait("00.done")
+        self.folders["base"], self.hashes["base"] = Path(info["folder"]), info["hash"]
+        yield StageResult("00-base", info["status"], manifest.read(Path(info["folder"])) or {})
         for spec in self.pipe.stages:
-            yield self.stage(spec)
+            if self.ranks.wait(f"{spec.index:02d}.start")["runs"] and getattr(spec.module, "DISTRIBUTED", False):
+                self._run_stage(spec, self.folders[spec.source], self.hashes[spec.source])
+            info = self.ranks.wait(f"{spec.index:02d}.done")
+            self.folders[spec.name], self.hashes[spec.name] = Path(info["folder"]), info["hash"]
+            yield StageResult(spec.folder, info["status"], manifest.read(Path(info["folder"])) or {})
 
     # -- base
 
@@ -514,28 +620,13 @@ class _Runner:
         old = manifest.read(folder)
         self.folders[spec.name] = folder if writes else in_folder
         if old and not self.force and old["input"]["hash"] == in_hash and old["config_hash"] == cfg_hash:
+            self.ranks.started(spec.index, runs=False)
             self.hashes[spec.name] = old["output_hash"]
             return self._maybe_reeval(folder, old) if writes else StageResult(spec.folder, "skipped", old)
+        self.ranks.started(spec.index, runs=True)
         self.log(f"[{spec.folder}] {spec.type} from {spec.source}")
-        torch.manual_seed(self.pipe.seed)
-        model, tok = checkpoint.load(in_folder, device=self.device, trust_remote_code=self.pipe.trust_remote_code)
-        work = self.out / f".work-{spec.folder}-{cfg_hash[:8]}-{in_hash[:8]}"
-        for stale in self.out.glob(f".work-{spec.folder}-*"):  # mid-stage state of another config/input
-            if stale != work:
-                shutil.rmtree(stale, ignore_errors=True)
-        work.mkdir(exist_ok=True)
-        from compress.context import Context
-
-        ctx = Context(
-            device=self.device, seed=self.pipe.seed, data=self.pipe.data, work_dir=work,
-            base_path=self.folders["base"], stage_paths={k: v for k, v in self.folders.items() if k != spec.name},
-            trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet,
-        )
-        predicted = memory.predict_for_run(self.pipe, spec, model)
-        t0 = manifest.now()
-        with memory.PeakMemory(self.device, model) as pm:
-            model, stats = spec.module.run(model, tok, spec.config, ctx)
-        seconds = manifest.now() - t0
+        model, tok, stats, predicted, pm, seconds = self._run_stage(spec, in_folder, in_hash)
+        work = self._work_dir(spec, in_hash)
         common = dict(
             index=spec.index, stage=spec.type, name=spec.name, config=dataclasses.asdict(spec.config),
             config_hash=cfg_hash, input_={"from": spec.source, "path": str(in_folder), "hash": in_hash},
@@ -551,6 +642,33 @@ class _Runner:
         shutil.rmtree(work, ignore_errors=True)
         self.hashes[spec.name] = m["output_hash"]
         return StageResult(spec.folder, "done", m)
+
+    def _work_dir(self, spec: StageSpec, in_hash: str) -> Path:
+        """Scratch folder of a stage (mid-stage checkpoints), named by its config and input: a resume finds it."""
+        return self.out / f".work-{spec.folder}-{stage_hash(self.pipe, spec)[:8]}-{in_hash[:8]}"
+
+    def _run_stage(self, spec: StageSpec, in_folder: Path, in_hash: str):
+        """Load the input, run the stage, measure it: (model, tokenizer, stats, predicted, PeakMemory, seconds)."""
+        torch.manual_seed(self.pipe.seed)
+        model, tok = checkpoint.load(in_folder, device=self.device, trust_remote_code=self.pipe.trust_remote_code)
+        work = self._work_dir(spec, in_hash)
+        if self.ranks.main:
+            for stale in self.out.glob(f".work-{spec.folder}-*"):  # mid-stage state of another config/input
+                if stale != work:
+                    shutil.rmtree(stale, ignore_errors=True)
+            work.mkdir(exist_ok=True)
+        from compress.context import Context
+
+        ctx = Context(
+            device=self.device, seed=self.pipe.seed, data=self.pipe.data, work_dir=work,
+            base_path=self.folders["base"], stage_paths={k: v for k, v in self.folders.items() if k != spec.name},
+            trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet,
+        )
+        predicted = memory.predict_for_run(self.pipe, spec, model)
+        t0 = manifest.now()
+        with memory.PeakMemory(self.device, model) as pm:
+            model, stats = spec.module.run(model, tok, spec.config, ctx)
+        return model, tok, stats, predicted, pm, manifest.now() - t0
 
     def _record_only(self, tmp, folder, in_folder, in_hash, result, *, index, stage, name, config, config_hash,
                      input_, seconds, memory):
@@ -647,6 +765,8 @@ def _clean_partials(out: Path) -> None:
     for p in out.glob(".tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
     for p in out.glob(".old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".sync-*"):  # markers of an earlier multi-process run
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -368,3 +369,32 @@ def test_two_process_ddp_run_agrees_across_ranks_and_with_one_process(tmp_path):
     # 2 ranks x batch 2 == 1 process x batch 4 (same rows, gradients averaged): equal up to reduction order
     assert all(torch.allclose(r0[k], one[k], atol=1e-5) for k in r0)
     assert (tmp_path / "ddp" / "work" / "train" / "step-00000004" / "state.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_runs_a_pipeline_with_a_train_stage(tmp_path, text_file):
+    """`accelerate launch -m compress.cli run`: the train stage runs on both processes, the rest on the main one."""
+    pipe = tmp_path / "ddp.yaml"
+    pipe.write_text(f"""
+name: ddp
+model: tiny:{TINY_LLAMA}
+data: {{train: [{text_file}]}}
+eval: {{perplexity: [{text_file}], seq_len: 32, max_tokens: 256, speed: false}}
+stages:
+  - train: {{tokens: 2048, batch_size: 2, seq_len: 32, update_every: 2, eval_tokens: 128, save_every: 4}}
+  - cast: {{dtype: bfloat16}}
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "compress.cli", "run", str(pipe), "--out", str(tmp_path / "runs"), "-q"]
+    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("01-train") == 1  # one summary table, from the main process
+    run = tmp_path / "runs" / "ddp"
+    train_m = json.loads((run / "01-train" / "manifest.json").read_text())
+    assert train_m["stats"]["processes"] == 2 and train_m["stats"]["tokens"] == 2048
+    assert json.loads((run / "02-cast" / "manifest.json").read_text())["complete"]
+    assert not list(run.glob(".sync-*")) and not list(run.glob(".work-*"))
+    again = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "skipped" in again.stderr, again.stderr[-3000:]

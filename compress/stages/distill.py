@@ -66,6 +66,7 @@ from compress.algorithms import kd
 from compress.errors import CompressError
 
 NAME = "distill"
+DISTRIBUTED = True  # under `accelerate launch` every process runs it, on its own shard (compress/pipeline.py)
 HIDDEN_LAYERS = ("last", "mapped")
 INPUTS = ("auto", "blocks", "sentences")
 MLM_SEED = 0  # masking of the validation blocks (the before/after measurement) is fixed by this seed

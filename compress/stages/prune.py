@@ -39,6 +39,7 @@ from compress.algorithms import shear
 from compress.errors import CompressError
 
 NAME = "prune"
+DISTRIBUTED = True  # under `accelerate launch` every process runs it, on its own shard (compress/pipeline.py)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from compress import train as engine
 from compress.errors import CompressError
 
 NAME = "train"
+DISTRIBUTED = True  # under `accelerate launch` every process runs it, on its own shard (compress/pipeline.py)
 
 
 @dataclass

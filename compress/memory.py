@@ -720,7 +720,7 @@ def _int8(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     if int(_get(cfg, "calibration_samples", 4)) > 0 and where.data.get("calibration"):
         seq, a = int(_get(cfg, "seq_len", 512)), DTYPE_BYTES[out_dtype]
         terms["calibration text"] = data_bytes(shape, [(where.data["calibration"], "train")])
-        terms["outlier pass: logits + kv cache"] = seq * shape.vocab * a + kv_cache_bytes(shape, a, 1, seq)
+        terms["outlier pass: logits"] = seq * shape.vocab * a
         terms["outlier pass: layer + int8 matmul"] = inference_layer_bytes(shape, a, 1, seq) + seq * (3 * i_max + 4 * o_max)
     return _Parts(terms, state.weights_bytes(), out)
 
@@ -1111,19 +1111,6 @@ def release_free_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def fixed_mmap_threshold(nbytes: int = 128 * KiB) -> bool:
-    """Serve every allocation >= nbytes with its own mmap and return it to the OS on free (glibc mallopt
-    M_MMAP_THRESHOLD, which also stops glibc raising the threshold as big blocks are freed). Call it once at
-    the start of a CPU run: RSS then follows live tensors, so measured growth matches the planner's, instead
-    of keeping freed temporaries (measured: an int8 pass over SmolLM2 grew 318 MiB without, 113 MiB with;
-    107 MiB are live). Returns False where malloc is not glibc's."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes))) and bool(libc.mallopt(M_TRIM_THRESHOLD, int(nbytes)))
 
 
 def fault_in(model) -> None:

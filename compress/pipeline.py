@@ -425,8 +425,6 @@ def run(
         check_writable(out)
         if not force:
             check_memory(pipe, ranks.device)
-    if ranks.device.type == "cpu":
-        memory.fixed_mmap_threshold()  # RSS then follows live tensors, so measured peaks mean what the planner means
     if ranks.main:
         _clean_partials(out)
         _write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))

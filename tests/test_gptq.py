@@ -53,6 +53,7 @@ def gptq_on(W, X, **kw):
         dict(bits=4, group_size=96, sym=False, act_order=True),  # partial last group (160 = 96 + 64)
         dict(bits=3, group_size=-1, sym=True, act_order=True, static_groups=True),
         dict(bits=2, group_size=32, sym=False),
+        dict(bits=4, group_size=64, sym=True, group_aware=True),  # GAR, partial last group (160 = 2 x 64 + 32)
     ],
 )
 def test_gptq_error_below_rtn_and_objective_exact(kw):
@@ -65,6 +66,25 @@ def test_gptq_error_below_rtn_and_objective_exact(kw):
     assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
     # the reported per-row objective is the real mean squared output error
     assert float(res.error.sum()) == pytest.approx(e_gptq, rel=1e-3)
+
+
+def test_group_aware_order_keeps_groups_whole_and_g_idx_monotone():
+    from compress.algorithms.gptq import group_aware_order
+
+    d = torch.rand(160, generator=torch.Generator().manual_seed(3))
+    perm, group_of = group_aware_order(d, 64)  # groups 0, 1 of 64 and a partial group 2 of 32
+    assert sorted(perm.tolist()) == list(range(160)) and group_of[-1] == 2 and sorted(group_of) == [0, 1, 2]
+    for k, g in enumerate(group_of):  # processing chunk k is exactly original group g, most important column first
+        chunk = perm[k * 64:(k + 1) * 64]
+        assert set(chunk.tolist()) == set(range(g * 64, min((g + 1) * 64, 160)))
+        assert bool((d[chunk].diff() <= 0).all())
+    assert d[perm[:64]].max() >= d[perm[64:128]].max()  # full groups by decreasing max diag(H)
+    torch.manual_seed(0)
+    W, X = torch.randn(48, 160), correlated_inputs(1024, 160)
+    res = gptq_on(W, X, bits=4, group_size=64, group_aware=True)
+    assert torch.equal(res.g_idx, torch.arange(160, dtype=torch.int32) // 64)  # no desc_act needed to load it
+    plain = gptq_on(W, X, bits=4, group_size=64)
+    assert output_error(W, res.Q, X) < output_error(W, plain.Q, X)  # the important groups get the error budget
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -123,7 +123,7 @@ def test_gptq_cast_int8_eval_terms(tiny_shape):
     assert M.predict_stage("cast", {"dtype": "fp32"}, None, M.ModelState(s, "float32")).growth_bytes == 0
     i8 = M.predict_stage("int8", {"calibration_samples": 0}, None, st)
     assert i8.breakdown["int8 weights + row scales"] == s.linear_params + 4 * s.linear_out_features
-    assert i8.output_state.format == "bnb-int8" and "outlier pass: logits + kv cache" not in i8.breakdown
+    assert i8.output_state.format == "bnb-int8" and "outlier pass: logits" not in i8.breakdown
     e = M.predict_stage("eval", {"seq_len": 64, "batch_size": 2, "speed": False}, None, st)
     n = 2 * 64 * 264
     assert e.breakdown["logits"] + e.breakdown["fp32 logits (upcast or shifted copy)"] + e.breakdown["log-softmax"] \

@@ -30,7 +30,9 @@ Choices that differ from the reference, each for the format's sake:
 - asymmetric zero points are kept >= 1, because v1 stores zero-1 and GPTQModel/vLLM add the 1 back without a
   mask (a stored -1 would overflow into the next code); a group that would get zero 0 widens its range instead;
 - symmetric scales use max|w| on both sides even when a group has no negative weight (the reference clips it);
-- group parameters use the weights as updated by every earlier column, also inside the current block.
+- group parameters use the weights as updated by every earlier column, also inside the current block;
+- `group_aware` (GAR, GPTQModel's default) processes whole groups in order of importance, and the columns of
+  each group by importance, keeping g_idx monotone (desc_act false in the checkpoint).
 
 Not supported: the GPTQ v2 format (zero points without the -1), other pack dtypes than int32, Conv2d, MSE grid
 search for scales, in_features not a multiple of 32/bits (32 for 3 bits), 3-bit with out_features not a multiple of 32.
@@ -193,6 +195,7 @@ class GPTQ:
         static_groups: bool = False,
         damp_percent: float = 0.01,
         blocksize: int = 128,
+        group_aware: bool = False,
     ) -> QuantResult:
         """Quantize W to minimise ||W X - Q X||^2; returns codes, group parameters, Q and the per-row error.
 
@@ -203,9 +206,11 @@ class GPTQ:
         if self.nsamples == 0:
             raise CompressError("GPTQ got no calibration inputs for a layer (was it never called?)")
         with _single_thread(self.W.device):
-            return self._quantize(bits, group_size, sym, act_order, static_groups, damp_percent, blocksize)
+            return self._quantize(bits, group_size, sym, act_order, static_groups, damp_percent, blocksize,
+                                  group_aware and not act_order)
 
-    def _quantize(self, bits, group_size, sym, act_order, static_groups, damp_percent, blocksize) -> QuantResult:
+    def _quantize(self, bits, group_size, sym, act_order, static_groups, damp_percent, blocksize,
+                  group_aware) -> QuantResult:
         t0 = time.perf_counter()
         W = self.W.float().clone()
         rows, cols = W.shape
@@ -226,13 +231,19 @@ class GPTQ:
                 scales[g], zeros[g] = quant_params(W[:, g * gs:(g + 1) * gs], bits, sym)
 
         perm = None
+        group_of = list(range(n_groups))  # k-th group in processing order -> its group in the original columns
         if act_order:  # columns with the largest Hessian diagonal first
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        elif group_aware:  # groups stay contiguous, so g_idx stays monotone
+            perm, group_of = group_aware_order(torch.diag(H), gs)
+        if perm is not None:
             W = W[:, perm]
             H = H[perm][:, perm]
         # group of the j-th processed column: static groups follow the original column, dynamic ones the order
-        order = perm if (perm is not None and static_groups) else torch.arange(cols, device=W.device)
-        col_group = (order // gs).tolist()
+        if perm is not None and static_groups:
+            col_group = (perm // gs).tolist()
+        else:
+            col_group = [group_of[j // gs] for j in range(cols)]
 
         Hinv, damp_used = _cholesky_inverse_upper(H, damp_percent)
 
@@ -254,7 +265,7 @@ class GPTQ:
                     g = col_group[j]
                     scale, zero = scales[g], zeros[g]
                 elif j % gs == 0:  # a new group starts: parameters from the current (updated) weights
-                    g = j // gs
+                    g = col_group[j]
                     group = W1[i:i + gs]
                     if j + gs > i2:  # the group reaches past this block: its tail is in WT
                         group = torch.cat([group, WT[i2:j + gs]], dim=0)
@@ -284,6 +295,29 @@ class GPTQ:
             damp_percent=damp_used,
             seconds=time.perf_counter() - t0,
         )
+
+
+def group_aware_order(d: torch.Tensor, gs: int) -> tuple[torch.Tensor, list[int]]:
+    """Group-aware reordering (GAR; Gafni, Karnieli, Hanani 2025, arXiv 2505.14638), as GPTQModel's default.
+
+    d: diag(H) [cols]. The columns of each group of gs stay together; groups are processed by decreasing
+    max d, the columns inside a group by decreasing d, and a last partial group (cols % gs) comes last, so
+    processing-order group k is original group group_of[k] and every group's parameters are found from its
+    own, already updated columns. Unlike act_order, g_idx stays monotone (no desc_act at inference).
+    Returns (perm [cols]: processing position -> original column, group_of [n_groups]).
+    """
+    cols = d.numel()
+    n_full = cols // gs
+    full = d[: n_full * gs].view(n_full, gs)                                     # (G, gs)
+    order = torch.argsort(full.max(dim=1).values, descending=True, stable=True)  # (G,)
+    inner = torch.argsort(full, dim=1, descending=True, stable=True)              # (G, gs)
+    perm = (order[:, None] * gs + inner[order]).flatten()                         # (G * gs,)
+    group_of = order.tolist()
+    if cols > n_full * gs:
+        tail = torch.arange(n_full * gs, cols, device=d.device)
+        perm = torch.cat([perm, tail[torch.argsort(d[tail], descending=True, stable=True)]])
+        group_of.append(n_full)
+    return perm, group_of
 
 
 @contextlib.contextmanager

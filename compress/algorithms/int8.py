@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -135,15 +136,19 @@ def quantize_linear(linear: nn.Module, threshold: float, device: torch.device) -
     return int8_linear(CB, SCB, bias, threshold)
 
 
-def quantize_model(model: nn.Module, threshold: float, skip: list[str], device: torch.device) -> list[str]:
+def quantize_model(model: nn.Module, threshold: float, skip: list[str], device: torch.device,
+                   after_each: Callable[[], None] | None = None) -> list[str]:
     """Swap every quantizable linear for its Linear8bitLt (weights quantized on `device`), in place.
 
-    Returns the names of the swapped modules. Other parameters keep their dtype and device.
+    Returns the names of the swapped modules. Other parameters keep their dtype and device. `after_each` runs
+    after every linear (the stage gives freed temporaries back to the OS there).
     """
     names = []
     for name, linear in quantizable_linears(model, skip):
         model.set_submodule(name, quantize_linear(linear, threshold, device))
         names.append(name)
+        if after_each is not None:
+            after_each()
     return names
 
 
@@ -266,8 +271,9 @@ class OutlierCounter:
             X = args[0].detach()
             X = X.reshape(-1, X.shape[-1])                   # (tokens, in_features)
             cols = (X.abs() >= self.threshold).any(dim=0)    # (in_features,)
-            prev = self.union.get(name)
-            self.union[name] = cols if prev is None else prev | cols
+            if name not in self.union:
+                self.union[name] = torch.zeros_like(cols)
+            self.union[name] |= cols  # in place: no small survivor per call between freed activations in the heap
             self.per_call[name].append(int(cols.sum()))
         return hook
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compress import memory
 from compress.algorithms.gptq import (
     BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
 )
@@ -54,6 +55,7 @@ class Config:
     group_size: int = 128           # input columns sharing one scale/zero; -1 = one per output channel
     sym: bool = True                # symmetric grid (zero fixed at the middle); false = asymmetric per-group zero
     act_order: bool = False         # desc_act: quantize columns by decreasing Hessian diagonal (better at 2-3 bits)
+    act_group_aware: bool = True    # GAR: important groups first, columns by importance inside each; free at inference (ignored with act_order)
     static_groups: bool = False     # with act_order: groups fixed on the original column order (g_idx monotone)
     true_sequential: bool = True    # each linear group sees inputs from the already quantized earlier groups
     damp_percent: float = 0.01      # dampening added to diag(H), as a fraction of its mean (doubled on failure)
@@ -185,6 +187,8 @@ def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | No
             lin_stats[n] = _linear_stats(res)
         _cast_unquantized(block, dtype)
         block.to(home)
+        del results
+        memory.release_free_heap()  # this block's replayed outputs and solver buffers: back to the OS, not kept in RSS
         seconds = time.perf_counter() - t_layer
         layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
         if cfg.method == "gptq":
@@ -217,7 +221,7 @@ def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | No
     total_bits = sum(p.numel() * p.element_size() * 8 for p in model.parameters()) + quantized_bits
     stats = {
         "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-        "act_order": cfg.act_order, "format": "gptq-v1",
+        "act_order": cfg.act_order, "act_group_aware": cfg.act_group_aware and not cfg.act_order, "format": "gptq-v1",
         "quantized_linears": sum(len(s["linears"]) for s in layer_stats), "skipped_linears": skipped,
         "quantized_params": quantized_params,
         "bits_per_weight": round(quantized_bits / max(quantized_params, 1), 4),  # qweight+qzeros+scales+g_idx
@@ -367,6 +371,7 @@ def _gptq_pass(
         res = solver.quantize(
             bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
             static_groups=cfg.static_groups, damp_percent=cfg.damp_percent, blocksize=cfg.block_size,
+            group_aware=cfg.act_group_aware,
         )
         r0 = 0
         for n in s:

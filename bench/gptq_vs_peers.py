@@ -44,9 +44,9 @@ PINS = {"gptqmodel": ["gptqmodel==7.6.0", "optimum==2.3.0"], "llmcompressor": ["
 METHODS = {
     "base": dict(kind="base"),
     "ours-rtn-g128": dict(kind="ours", method="rtn", group_size=128),
-    "ours-gptq-g128": dict(kind="ours", method="gptq", group_size=128),  # act_group_aware (GAR) on: the default
+    "ours-gptq-g128": dict(kind="ours", method="gptq", group_size=128),  # the stage's defaults: GAR on, damp 0.05
     "ours-gptq-g128-nogar": dict(kind="ours", method="gptq", group_size=128, act_group_aware=False),
-    "ours-gptq-g128-damp05": dict(kind="ours", method="gptq", group_size=128, damp_percent=0.05),  # GPTQModel's damp
+    "ours-gptq-g128-damp01": dict(kind="ours", method="gptq", group_size=128, damp_percent=0.01),  # the paper's damp
     "ours-gptq-g128-act": dict(kind="ours", method="gptq", group_size=128, act_order=True),
     "ours-gptq-g64": dict(kind="ours", method="gptq", group_size=64),
     "gptqmodel-g128": dict(kind="gptqmodel", group_size=128),
@@ -276,10 +276,9 @@ def quantize_ours(spec, folder, tok, tokens, out, res) -> None:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     res["load_seconds"] = round(time.perf_counter() - t0, 2)
-    cfg = gptq.Config(method=spec["method"], bits=4, group_size=spec["group_size"],
-                      act_order=spec.get("act_order", False), act_group_aware=spec.get("act_group_aware", True),
-                      damp_percent=spec.get("damp_percent", 0.01),
-                      nsamples=tokens.shape[0], seq_len=tokens.shape[1])
+    overrides = {k: spec[k] for k in ("act_order", "act_group_aware", "damp_percent") if k in spec}  # else defaults
+    cfg = gptq.Config(method=spec["method"], bits=4, group_size=spec["group_size"], nsamples=tokens.shape[0],
+                      seq_len=tokens.shape[1], **overrides)
     ctx = Context(device=torch.device("cpu"), seed=0, quiet=True, log=lambda m: None)
     with PeakRSS() as peak:
         t0 = time.perf_counter()

@@ -892,6 +892,16 @@ def _saving(stage_type: str, cfg: dict, state: ModelState, states: dict, **chang
     return now.peak_bytes - alt.peak_bytes
 
 
+def _largest_fitting(stage_type, cfg, state, states, dev, key: str, value: int) -> int | None:
+    """The largest of value/2, value/4, ... >= 1 with which the stage's peak fits on `dev`, or None."""
+    v = value // 2
+    while v >= 1:
+        if predict_stage(stage_type, {**cfg, key: v}, None, state, states=states, device=dev).peak_bytes <= dev.bytes:
+            return v
+        v //= 2
+    return None
+
+
 def _advice(stage_type, cfg, state, states, dev, plan, eval_cfg) -> list[str]:
     """What to change, with the predicted saving of each change (re-planned, not guessed)."""
     worst = max(plan.peak_bytes, plan.eval_peak_bytes or 0)
@@ -916,7 +926,11 @@ def _advice(stage_type, cfg, state, states, dev, plan, eval_cfg) -> list[str]:
             tip("method: rtn (no calibration, lower accuracy)", method="rtn")
         if stage_type in ("train", "prune", "distill"):
             if b > 1:
-                tip(f"batch_size: {b // 2} with grad_accum doubled (same tokens per step)", batch_size=b // 2)
+                fit = _largest_fitting(stage_type, cfg, state, states, dev, "batch_size", b)
+                if fit:
+                    tip(f"batch_size: {fit} with grad_accum x{b // fit} (same tokens per step) fits", batch_size=fit)
+                else:
+                    tip(f"batch_size: 1 with grad_accum x{b} (same tokens per step)", batch_size=1)
             if seq > 128:
                 tip(f"seq_len: {seq // 2}", seq_len=seq // 2)
             if state.dtype == "float32" and not _autocast(cfg, dev.kind):

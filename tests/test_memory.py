@@ -163,7 +163,11 @@ def test_plan_flows_state_and_flags_what_does_not_fit():
     assert all(p.eval_peak_bytes for p in plans)
     assert cast.fits and gptq.fits
     assert train.fits is False
-    assert any("batch_size: 4" in a and "saves" in a for a in train.advice)
+    assert any(a.startswith("batch_size: 2 with grad_accum x4") and "fits" in a for a in train.advice)
+    again = M.plan({**PIPELINE, "stages": [*PIPELINE["stages"][:-1],
+                                           {"train": {**PIPELINE["stages"][-1]["train"], "batch_size": 2}}]},
+                   SMOLLM2, device="cpu:4GB")
+    assert again[-1].peak_bytes <= M.resolve_device("cpu:4GB").bytes  # the advice is re-planned, not guessed
     assert any("mixed_precision: bf16" in a for a in train.advice)
     table = M.format_table(plans, "cpu:4GB")
     assert "gptq-w4" in table and "NO" in table and "does not fit" in table

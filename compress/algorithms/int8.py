@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from typing import Callable
 
 import torch
 from torch import nn
@@ -136,19 +135,15 @@ def quantize_linear(linear: nn.Module, threshold: float, device: torch.device) -
     return int8_linear(CB, SCB, bias, threshold)
 
 
-def quantize_model(model: nn.Module, threshold: float, skip: list[str], device: torch.device,
-                   after_each: Callable[[], None] | None = None) -> list[str]:
+def quantize_model(model: nn.Module, threshold: float, skip: list[str], device: torch.device) -> list[str]:
     """Swap every quantizable linear for its Linear8bitLt (weights quantized on `device`), in place.
 
-    Returns the names of the swapped modules. Other parameters keep their dtype and device. `after_each` runs
-    after every linear (the stage gives freed temporaries back to the OS there).
+    Returns the names of the swapped modules. Other parameters keep their dtype and device.
     """
     names = []
     for name, linear in quantizable_linears(model, skip):
         model.set_submodule(name, quantize_linear(linear, threshold, device))
         names.append(name)
-        if after_each is not None:
-            after_each()
     return names
 
 

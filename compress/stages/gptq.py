@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compress import memory
 from compress.algorithms.gptq import (
     BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
 )
@@ -58,7 +57,7 @@ class Config:
     act_group_aware: bool = True    # GAR: important groups first, columns by importance inside each; free at inference (ignored with act_order)
     static_groups: bool = False     # with act_order: groups fixed on the original column order (g_idx monotone)
     true_sequential: bool = True    # each linear group sees inputs from the already quantized earlier groups
-    damp_percent: float = 0.01      # dampening added to diag(H), as a fraction of its mean (doubled on failure)
+    damp_percent: float = 0.05      # dampening added to diag(H), a fraction of its mean (doubled on failure); 0.01 (the paper's) was worse here
     block_size: int = 128           # columns per lazy batch update; affects speed only
     nsamples: int = 128             # calibration sequences (the paper uses 128)
     seq_len: int = 512              # tokens per calibration sequence (paper: 2048; 512 keeps CPU runs in minutes)
@@ -187,8 +186,6 @@ def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | No
             lin_stats[n] = _linear_stats(res)
         _cast_unquantized(block, dtype)
         block.to(home)
-        del results
-        memory.release_free_heap()  # this block's replayed outputs and solver buffers: back to the OS, not kept in RSS
         seconds = time.perf_counter() - t_layer
         layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
         if cfg.method == "gptq":

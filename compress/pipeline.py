@@ -422,9 +422,9 @@ def run(
     device = pick_device(pipe.device)
     ranks = _Ranks(out, device)
     if ranks.main:
-        check_writable(out)
         if not force:
-            check_memory(pipe, ranks.device)
+            check_memory(pipe, ranks.device)  # before anything is written: a refused run leaves nothing behind
+        check_writable(out)
     if ranks.main:
         _clean_partials(out)
         _write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))

@@ -110,6 +110,11 @@ def main(argv=None) -> None:
     res["arms"]["compress int8"] = arm
     del ours, model
 
+    model, tok = checkpoint.load(folder)  # the stage with the rest in float32: what load_in_8bit keeps on CPU
+    ours32, _ = stage.run(model, tok, stage.Config(dtype="float32"), ctx)
+    res["arms"]["compress int8, dtype float32"] = {**footprint(ours32), **measure(ours32, tok, a.max_tokens)}
+    del ours32, model
+
     t0 = time.perf_counter()
     direct = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     arm = {"quantize_seconds": round(time.perf_counter() - t0, 2), **footprint(direct)}

@@ -94,7 +94,7 @@ def test_missing_bitsandbytes_is_a_clear_error(tiny_llama, tmp_path, monkeypatch
         quantize(model, tok, tmp_path)
 
 
-@pytest.mark.parametrize("bad", [{"threshold": -1}, {"dtype": "float32"}, {"skip": [""]}, {"calibration_samples": -2},
+@pytest.mark.parametrize("bad", [{"threshold": -1}, {"dtype": "int8"}, {"skip": [""]}, {"calibration_samples": -2},
                                  {"seq_len": 0}, {"threshold": "six"}, {"skip": ["lm_head["]}])
 def test_config_checks_values(bad):
     with pytest.raises(CompressError, match="int8"):

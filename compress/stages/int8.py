@@ -5,10 +5,11 @@
 
 Every nn.Linear outside `skip` becomes a bitsandbytes `Linear8bitLt`: int8 weights with one absmax scale
 per output row; at run time input dimensions holding a value with |x| >= threshold are multiplied in 16-bit.
-Embeddings, norms and skipped linears are cast to `dtype` (16-bit, not float32 as a direct transformers
-load on CPU leaves them). The returned model carries `config.quantization_config` in transformers'
-bitsandbytes 8-bit form, so its saved checkpoint reloads with `checkpoint.load` (via
-`compress.algorithms.int8.prepare_for_load`) and with `AutoModelForCausalLM.from_pretrained`.
+Embeddings, norms and skipped linears are cast to `dtype` (16-bit by default, not float32 as a direct
+transformers load on CPU leaves them; `dtype: float32` gives that load's numbers exactly, at 35% more memory
+on SmolLM2). The returned model carries `config.quantization_config` in transformers' bitsandbytes 8-bit form,
+so its saved checkpoint reloads with `checkpoint.load` (via `compress.algorithms.int8.prepare_for_load`) and
+with `AutoModelForCausalLM.from_pretrained`.
 Stats: bytes of the quantized linears vs the same linears in bf16, whole-model bytes vs the input, and the
 outlier input dimensions seen on `calibration_samples` windows of the pipeline's `data.calibration` text.
 
@@ -30,14 +31,14 @@ from compress.errors import CompressError
 
 NAME = "int8"
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
 class Config:
     threshold: float = 6.0        # outlier threshold (paper's alpha = 6): input dims with |x| >= it run in 16-bit; 0 = all int8
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  # modules kept in `dtype`: name prefix, regex or suffix
-    dtype: str = "bfloat16"       # dtype of what stays unquantized (embeddings, norms, skipped linears) and of activations
+    dtype: str = "bfloat16"       # what stays unquantized (embeddings, norms, skipped linears) and activations; float32: as load_in_8bit on CPU
     calibration_samples: int = 4  # windows of data.calibration run for the outlier statistics (0 = no statistics)
     seq_len: int = 512            # tokens per calibration window
 

@@ -535,6 +535,9 @@ def _to_device(batch, device):
 
 
 def _count_tokens(batch) -> int:
+    """Tokens in a micro-batch: its attention mask's ones when it has one (padded rows), else every id."""
+    if isinstance(batch, dict) and torch.is_tensor(batch.get("attention_mask")):
+        return int(batch["attention_mask"].sum())
     ids = batch.get("input_ids") if isinstance(batch, dict) else batch
     return int(ids.numel()) if torch.is_tensor(ids) else 0
 

@@ -18,7 +18,7 @@ from compress.context import Context
 from compress.errors import CompressError
 from compress.stages import distill
 from compress.tiny import build
-from tests.conftest import TINY_BERT, TINY_LLAMA
+from conftest import TINY_BERT, TINY_LLAMA
 
 
 @pytest.fixture(autouse=True)

@@ -210,7 +210,7 @@ def _reload(model, build_fresh):
 )
 def test_tiny_llama_round_trip(tiny_llama, tmp_path, monkeypatch, kw):
     from compress.tiny import build
-    from tests.conftest import TINY_LLAMA
+    from conftest import TINY_LLAMA
 
     model, tok = tiny_llama
     ids = _calib(2, 24, seed=9)
@@ -238,7 +238,7 @@ def test_tiny_llama_round_trip(tiny_llama, tmp_path, monkeypatch, kw):
 def test_replay_equals_recompute(tmp_path, monkeypatch):
     """Replaying recorded outputs of already quantized groups gives exactly what recomputing them gives."""
     from compress.tiny import build
-    from tests.conftest import TINY_LLAMA
+    from conftest import TINY_LLAMA
 
     states = []
     for fits in (True, False):
@@ -261,7 +261,7 @@ def test_replay_refuses_outputs_modified_in_place():
 
 def test_skip_keeps_linears(tiny_llama, tmp_path, monkeypatch):
     from compress.tiny import build
-    from tests.conftest import TINY_LLAMA
+    from conftest import TINY_LLAMA
 
     model, tok = tiny_llama
     model, stats = _run(model, tok, tmp_path, monkeypatch, skip=["lm_head", "mlp.down_proj", r"model\.layers\.0\..*q_proj"])
@@ -281,7 +281,7 @@ def test_skip_keeps_linears(tiny_llama, tmp_path, monkeypatch):
 
 def test_tiny_bert(tiny_bert, tmp_path, monkeypatch):
     from compress.tiny import build
-    from tests.conftest import TINY_BERT
+    from conftest import TINY_BERT
 
     model, tok = tiny_bert
     model, stats = _run(model, tok, tmp_path, monkeypatch)

@@ -129,7 +129,7 @@ def test_logits_close_to_input_model(tiny_llama, tmp_path):
 def test_outlier_decomposition_beats_pure_int8(tmp_path):
     """The paper's point: with an outlier feature dimension, keeping it in 16-bit (threshold 6) beats all-int8."""
     from compress.tiny import build
-    from tests.conftest import TINY_LLAMA
+    from conftest import TINY_LLAMA
 
     errs = {}
     for threshold in (0.0, 6.0):
@@ -303,7 +303,7 @@ def test_outlier_counter_agrees_with_bitsandbytes():
 @requires_bnb
 def test_stage_reports_outlier_statistics(tmp_path, monkeypatch):
     from compress.tiny import build
-    from tests.conftest import TINY_LLAMA
+    from conftest import TINY_LLAMA
 
     model, tok = build(TINY_LLAMA, seed=0)
     add_outlier_feature(model, layer=1, dim=5)

@@ -17,7 +17,7 @@ from compress import train as engine
 from compress.context import Context
 from compress.errors import CompressError
 from compress.stages import train as train_stage
-from tests.conftest import REPO, TEXT, TINY_LLAMA
+from conftest import REPO, TEXT, TINY_LLAMA
 
 
 @pytest.fixture(autouse=True)

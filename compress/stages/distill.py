@@ -272,6 +272,27 @@ def _unpad(ids: torch.Tensor, s: _Setup) -> tuple[torch.Tensor, torch.Tensor | N
     return ids[:, :width], mask[:, :width].long()
 
 
+class _Unpadded:
+    """The mixture's batches of sentence rows, cut to their longest row and with their attention mask, so the
+    training loop counts real tokens; checkpoints keep the mixture's own state (resume)."""
+
+    def __init__(self, mixture, setup: _Setup):
+        self.mixture, self.setup = mixture, setup
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        ids, mask = _unpad(next(self.mixture)["input_ids"], self.setup)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def state_dict(self) -> dict:
+        return self.mixture.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixture.load_state_dict(state)
+
+
 def _prepare(ids: torch.Tensor, s: _Setup, generator=None):
     """(inputs, LM labels or None, KL positions or None) for one batch of blocks (B, L)."""
     if s.kind == "masked":
@@ -442,7 +463,8 @@ def run(model, tokenizer, cfg: Config, ctx):
                                    world_size=state.num_processes)
 
     def loss_fn(wrapped, batch):
-        ids, mask = _unpad(batch["input_ids"] if isinstance(batch, dict) else batch, setup)   # [B, T]
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch   # [B, T]
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         inputs, labels, kl_mask = _prepare(ids, setup)
         return _batch_loss(wrapped, teacher, inputs, labels, kl_mask, setup, mask)
 
@@ -452,7 +474,8 @@ def run(model, tokenizer, cfg: Config, ctx):
         save_every=cfg.save_every, mixed_precision=cfg.mixed_precision, name="distill",
     )
     groups = [{"params": list(proj.parameters()), "lr": cfg.lr}] if proj is not None else []
-    result = engine.fit(student, mixture, loss_fn, tcfg, ctx, extra_param_groups=groups)
+    batches = _Unpadded(mixture, setup) if setup.pad_id is not None else mixture
+    result = engine.fit(student, batches, loss_fn, tcfg, ctx, extra_param_groups=groups)
     end = _measure(student, teacher, val, setup, cfg.batch_size, device)
 
     n_s, n_t = _n_params(student), _n_params(teacher)

@@ -333,3 +333,35 @@ def test_shipped_pipelines_validate():
     for name, layers in (("minilm-distill", 3), ("smollm2-distill", 15)):
         pipe = pipeline.load(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
         assert [s.type for s in pipe.stages] == ["distill"] and pipe.stages[0].config.layers == layers
+
+
+def test_length_grouping_keeps_the_rows_cuts_padding_and_resumes_exactly():
+    from compress.train import DomainMixture
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 30, (200,), generator=g)
+    rows = torch.zeros(200, 32, dtype=torch.long)                      # pad id 0
+    for i, n in enumerate(lengths.tolist()):
+        rows[i, :n] = torch.arange(1, n + 1) + 100 * i                  # every row unique
+    setup = distill._Setup(kind="bare", weights=None, pairs=[], proj=None, mask_id=None, vocab=0, special=[],
+                           mlm_probability=0.15, pad_id=0)
+
+    def served(n, state=None):
+        it = distill._LengthGrouped(DomainMixture({"d": rows}, 8, seed=0), setup, pool=4, seed=0)
+        if state is not None:
+            it.load_state_dict(state)
+        return [next(it) for _ in range(n)], it
+
+    batches, _ = served(8)                                              # 2 pools of 4 batches of 8 rows
+    plain = DomainMixture({"d": rows}, 8, seed=0)
+    drawn = torch.cat([next(plain)["input_ids"] for _ in range(8)])
+    got = [r[m.bool()] for b in batches for r, m in zip(b["input_ids"], b["attention_mask"])]
+    assert sorted(tuple(r.tolist()) for r in got) == sorted(tuple(r[r != 0].tolist()) for r in drawn)
+    padded_plain = sum(int((drawn[i:i + 8] != 0).sum(1).max()) * 8 for i in range(0, 64, 8))
+    assert sum(b["input_ids"].numel() for b in batches) < 0.8 * padded_plain
+    # a checkpoint in the middle of a pool resumes with the same batches
+    _, it = served(6)
+    state = it.state_dict()
+    rest, _ = served(4, state)
+    for a, b in zip(rest, served(10)[0][6:]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])

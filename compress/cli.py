@@ -210,7 +210,11 @@ def eval_cmd(model, data, seq_len, max_tokens, base, as_json):
     cfg = pipeline.build_config(
         evaluate.EvalConfig, {"perplexity": list(data), "seq_len": seq_len, "max_tokens": max_tokens}, "eval"
     )
+    from compress import memory
+
     device = pipeline.pick_device("auto")
+    if device.type == "cpu":
+        memory.fixed_mmap_threshold()  # as in `compress run`: the same memory behaviour, the same measured peak
     m, tok = checkpoint.load(checkpoint.resolve(model), device=device)
     base_model = checkpoint.load(checkpoint.resolve(base), device=device)[0] if base else None
     result = evaluate.run(m, tok, cfg, device=device, base_model=base_model)

@@ -421,6 +421,8 @@ def run(
     out = Path(out_root) / pipe.name
     device = pick_device(pipe.device)
     ranks = _Ranks(out, device)
+    if ranks.device.type == "cpu":
+        memory.fixed_mmap_threshold()  # RSS then follows live tensors: peaks mean what the planner means
     if ranks.main:
         if not force:
             check_memory(pipe, ranks.device)  # before anything is written: a refused run leaves nothing behind

@@ -251,3 +251,11 @@ def test_eval_prediction_matches_measurement(tmp_path):
         model(x, labels=x)
     err, ok = M.compare(plan.growth_bytes, m.measured_bytes, floor=0)
     assert err <= 0.25, (plan.growth_bytes, m.measured_bytes)
+
+
+def test_mmap_threshold_setting_reads_the_environment(monkeypatch):
+    monkeypatch.setenv(M.MMAP_THRESHOLD_ENV, "0")
+    assert M.fixed_mmap_threshold() == 0                      # 0: glibc's own behaviour, nothing set
+    monkeypatch.setenv(M.MMAP_THRESHOLD_ENV, "lots")
+    with pytest.raises(CompressError, match="COMPRESS_MMAP_THRESHOLD"):
+        M.fixed_mmap_threshold()

@@ -47,7 +47,7 @@ PIPELINES = {
           - gptq: {{nsamples: 16, seq_len: 128, group_size: 32, from: base}}
           - gptq: {{method: rtn, group_size: 32, from: base, name: rtn}}
           - int8: {{calibration_samples: 2, seq_len: 128, from: base}}
-          - eval: {{from: base}}
+          - eval: {{perplexity: [zoo:shakespeare], seq_len: 64, max_tokens: 1024, batch_size: 2, from: base}}
         """,
     "smollm2": """
         name: memory-smollm2
@@ -62,7 +62,7 @@ PIPELINES = {
           - gptq: {include: stages/gptq-w4g128.yaml, from: base}
           - gptq: {include: stages/gptq-w4g128.yaml, method: rtn, from: base, name: rtn}
           - int8: {from: base}
-          - eval: {from: base}
+          - eval: {perplexity: [zoo:shakespeare], seq_len: 256, max_tokens: 2048, batch_size: 2, from: base}
         """,
 }
 

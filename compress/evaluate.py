@@ -155,6 +155,16 @@ def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
     loaded for evaluation); every protocol then records stored_dtype float16.
     """
     device = torch.device(device)
+    qc = getattr(model.config, "quantization_config", None) or {}
+    if dict(qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") == "bitsandbytes":
+        from compress import memory
+
+        with memory.mmap_threshold():  # bitsandbytes' many small buffers per matmul (see compress.memory)
+            return _run(model, tokenizer, cfg, device, base_model)
+    return _run(model, tokenizer, cfg, device, base_model)
+
+
+def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
     stored = upcast_float16_on_cpu(model, device)
     kind = model_kind(model)
     meter = _Throughput(device)

@@ -61,7 +61,8 @@ device. `PeakMemory` below measures exactly this definition.
 
 Not modelled: glibc heap retention (freed chunks below the top of the heap stay in RSS: a stage that
 interleaves many temporaries with persistent outputs, like int8, can grow 2-3x its live bytes;
-`PeakMemory` gives free heap back before measuring and `fixed_mmap_threshold()` stops it for a whole run),
+`PeakMemory` gives free heap back before measuring, and `fixed_mmap_threshold` / `mmap_threshold` keep it
+small in a run),
 paging in kernel code on first use and oneDNN scratch (RSS_NOISE_BYTES: a few MiB, which is all a tiny
 model uses), DeepSpeed/FSDP sharding (divide weights, grads and states by the number of ranks yourself),
 gradient checkpointing and LoRA in the pipeline's stages (the README table models a frozen base),
@@ -71,6 +72,7 @@ parameters are still counted exactly; activations use the Llama derivation).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import dataclasses
@@ -566,22 +568,24 @@ def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu") -> dict:
     if kind == "cpu" and state.dtype == "float16" and state.format in ("plain", "gptq"):
         upcast["float32 copy (float16 computed in float32 on CPU)"] = state.float_numel() * 4
         a = 4
-    terms = {
-        **upcast,
-        "logits": n * a,
-        "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
-        "log-softmax": n * 4,
-        "layer transient": inference_layer_bytes(shape, a, batch, seq),
-    }
+    specs = _get(cfg, "perplexity", None) or []
+    windows = bool(specs) or bool(_get(cfg, "agreement", None))   # forwards of whole batches of windows
+    terms = {**upcast}
+    if windows:
+        terms.update({
+            "logits": n * a,
+            "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
+            "log-softmax": n * 4,
+            "layer transient": inference_layer_bytes(shape, a, batch, seq),
+        })
     if _get(cfg, "speed", True) and _get(cfg, "decode_tokens", 0):
         decode = int(_get(cfg, "decode_tokens", 32))
         terms["decode kv cache"] = kv_cache_bytes(shape, a, 1, 64 + decode)
     if state.format == "gptq":  # QuantLinear caches each dequantized weight in the activation dtype
         terms["dequantized weight cache"] = state.shape.layers * sum(i * o for _, i, o in state.quantized_linears()) * a
-    elif state.format == "bnb-int8":  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
+    elif state.format == "bnb-int8" and windows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
         i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1])
         terms["int8 matmul buffers"] = batch * seq * (3 * i + 4 * o)
-    specs = _get(cfg, "perplexity", None) or []
     if specs:  # one source at a time: the largest test split
         terms["eval text"] = max(data_bytes(shape, [(sp, "test")]) for sp in specs)
     return {k: v for k, v in terms.items() if v}
@@ -1129,7 +1133,9 @@ def release_free_heap() -> None:
 
 
 MMAP_THRESHOLD_ENV = "COMPRESS_MMAP_THRESHOLD"
-DEFAULT_MMAP_THRESHOLD = 4 * MiB
+DEFAULT_MMAP_THRESHOLD = 4 * MiB     # a whole CPU run (compress.pipeline.run, compress eval)
+TIGHT_MMAP_THRESHOLD = 128 * KiB     # while a stage quantizes linear by linear (int8, rtn) or runs int8 kernels
+_threshold = {"bytes": 0}            # what fixed_mmap_threshold last set (0: glibc's dynamic default)
 
 
 def fixed_mmap_threshold(nbytes: int | None = None) -> int:
@@ -1137,12 +1143,14 @@ def fixed_mmap_threshold(nbytes: int | None = None) -> int:
     mallopt M_MMAP_THRESHOLD, which also stops glibc raising the threshold to 32 MiB as big blocks are freed).
 
     Why: by default glibc serves freed activations of up to 32 MiB from its heap afterwards, and a heap only
-    shrinks from its top, so RSS keeps every transient that ever sat below a live tensor. Measured on
-    SmolLM2-135M GPTQ (32 x 512 calibration tokens, 1 thread): peak RSS growth 1.02 GiB by default, 554 MiB
-    with a 4 MiB threshold, 449 MiB with 128 KiB, against 442 MiB of live tensors (the planner's count); CPU
-    time (user + sys) 147.7 s, 168.4 s and more (the page faults of fresh mappings). 4 MiB keeps most of the
-    saving for 14% more CPU time. Called once per CPU run by compress.pipeline.run; the environment variable
-    COMPRESS_MMAP_THRESHOLD (bytes) overrides the default, 0 keeps glibc's own behaviour.
+    shrinks from its top, so RSS keeps the transients that sat below live tensors. Measured on SmolLM2-135M
+    (1 thread; peak RSS growth, CPU user+sys seconds): GPTQ (32 x 512 calibration tokens) 1.02 GiB / 148 s
+    with glibc's default, 554 MiB / 168 s at 4 MiB, 449 MiB / 202 s at 128 KiB, for 442 MiB of live tensors
+    (the planner's count); evaluating the int8 model 1.33 GiB / 45 s at 4 MiB, 1006 MiB / 59 s at 128 KiB
+    (planner 1010 MiB); the int8 stage 635 MiB / 14 s at 4 MiB, 187 MiB / 25 s at 128 KiB. So a run uses
+    4 MiB (most of the saving for 14% more CPU time on GPTQ) and the stages made of many small allocations
+    tighten it while they run (`mmap_threshold`). The environment variable COMPRESS_MMAP_THRESHOLD (bytes)
+    sets the run's value; 0 keeps glibc's own behaviour everywhere.
     Returns the threshold set, 0 when none was (turned off, or malloc is not glibc's)."""
     if nbytes is None:
         raw = os.environ.get(MMAP_THRESHOLD_ENV, "").strip()
@@ -1155,7 +1163,23 @@ def fixed_mmap_threshold(nbytes: int | None = None) -> int:
         return 0
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     ok = libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) and libc.mallopt(M_TRIM_THRESHOLD, int(nbytes))
-    return int(nbytes) if ok else 0
+    _threshold["bytes"] = int(nbytes) if ok else 0
+    return _threshold["bytes"]
+
+
+@contextlib.contextmanager
+def mmap_threshold(nbytes: int = TIGHT_MMAP_THRESHOLD):
+    """Within the block, a tighter mmap threshold (see fixed_mmap_threshold), then back to the run's. Does
+    nothing where the run set none (COMPRESS_MMAP_THRESHOLD=0, not glibc, or outside a run: library use)."""
+    before = _threshold["bytes"]
+    if not before or nbytes >= before:
+        yield
+        return
+    fixed_mmap_threshold(nbytes)
+    try:
+        yield
+    finally:
+        fixed_mmap_threshold(before)
 
 
 def fault_in(model) -> None:

@@ -124,12 +124,15 @@ def test_gptq_cast_int8_eval_terms(tiny_shape):
     i8 = M.predict_stage("int8", {"calibration_samples": 0}, None, st)
     assert i8.breakdown["int8 weights + row scales"] == s.linear_params + 4 * s.linear_out_features
     assert i8.output_state.format == "bnb-int8" and "outlier pass: logits" not in i8.breakdown
-    e = M.predict_stage("eval", {"seq_len": 64, "batch_size": 2, "speed": False}, None, st)
+    e = M.predict_stage("eval", {"perplexity": ["x.txt"], "seq_len": 64, "batch_size": 2, "speed": False}, None, st)
     n = 2 * 64 * 264
     assert e.breakdown["logits"] + e.breakdown["fp32 logits (upcast or shifted copy)"] + e.breakdown["log-softmax"] \
         == n * (2 + 4 + 4)
-    e32 = M.predict_stage("eval", {"seq_len": 64, "batch_size": 1, "speed": False}, None, M.ModelState(s, "float32"))
+    e32 = M.predict_stage("eval", {"perplexity": ["x.txt"], "seq_len": 64, "batch_size": 1, "speed": False}, None,
+                          M.ModelState(s, "float32"))
     assert "fp32 logits (upcast or shifted copy)" not in e32.breakdown   # fp32, one window: no copy
+    bare = M.predict_stage("eval", {"seq_len": 64, "speed": False}, None, st)   # nothing to score: no windows
+    assert "logits" not in bare.breakdown and "layer transient" not in bare.breakdown
     with pytest.raises(CompressError, match="plain"):
         M.predict_stage("train", {}, None, g.output_state)
     with pytest.raises(CompressError, match="knows no stage"):
@@ -197,7 +200,7 @@ def test_predict_for_run_reads_the_loaded_model(tiny_llama):
     assert (state.dtype, state.format, state.shape.params) == ("float32", "plain", sum(p.numel() for p in model.parameters()))
     spec = SimpleNamespace(type="cast", source="base", config=cast.Config(dtype="bfloat16"))
     assert M.predict_for_run(None, spec, model) == state.shape.params * 2
-    assert M.predict_eval_for_run({"seq_len": 32, "batch_size": 1, "speed": False}, model) > 32 * 264 * 8
+    assert M.predict_eval_for_run({"perplexity": ["x.txt"], "seq_len": 32, "batch_size": 1, "speed": False}, model) > 32 * 264 * 8
 
 
 def test_arithmetic_table_is_computed():
@@ -246,7 +249,7 @@ def test_eval_prediction_matches_measurement(tmp_path):
     x = torch.randint(0, 16384, (1, 512))
     with torch.no_grad():
         model(x[:, :16])  # warm-up (the pipeline has already evaluated 00-base)
-    plan = M.predict_stage("eval", {"seq_len": 512, "batch_size": 1}, cfg)
+    plan = M.predict_stage("eval", {"perplexity": ["x.txt"], "seq_len": 512, "batch_size": 1}, cfg)
     with M.PeakMemory("cpu", model) as m, torch.no_grad():
         model(x, labels=x)
     err, ok = M.compare(plan.growth_bytes, m.measured_bytes, floor=0)

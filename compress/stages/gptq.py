@@ -93,7 +93,13 @@ def run(model, tokenizer, cfg: Config, ctx):
     tokens = None
     if cfg.method == "gptq":
         tokens, calib_stats = calibration_tokens(tokenizer, cfg, ctx)
-    stats = quantize_model(model, cfg, ctx, tokens)
+    if cfg.method == "rtn":  # linear by linear, small temporaries between kept codes: keep RSS to live bytes
+        from compress import memory
+
+        with memory.mmap_threshold():
+            stats = quantize_model(model, cfg, ctx, tokens)
+    else:
+        stats = quantize_model(model, cfg, ctx, tokens)
     if calib_stats is not None:
         stats["calibration"] = calib_stats
     stats["seconds"] = round(time.perf_counter() - t0, 3)

@@ -18,6 +18,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# what artifacts/ held before any test ran (a user's own runs, e.g. the demo): tests must add nothing to it
+ARTIFACTS_AT_START = {q.name for q in (REPO / "artifacts").iterdir()} if (REPO / "artifacts").is_dir() else set()
 TINY_LLAMA = REPO / "configs" / "models" / "tiny-llama.json"
 TINY_BERT = REPO / "configs" / "models" / "tiny-bert.json"
 

@@ -130,6 +130,12 @@ def same_protocol(a: dict | None, b: dict | None) -> bool:
     return strip(a) == strip(b)
 
 
+def _quant_method(model) -> str | None:
+    """config.quantization_config's quant_method (a dict, or a transformers config object), None when plain."""
+    qc = getattr(model.config, "quantization_config", None) or {}
+    return dict(qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method")
+
+
 def upcast_float16_on_cpu(model, device) -> str | None:
     """On a CPU, compute a float16 model in float32, in place; return "float16" when it did, else None.
 
@@ -138,8 +144,7 @@ def upcast_float16_on_cpu(model, device) -> str | None:
     as CPU runtimes (llama.cpp, ONNX Runtime) compute float16 models. Protocols record it as stored_dtype.
     bitsandbytes int8 models are left as they are (their kernels choose their own compute dtype).
     """
-    qc = getattr(model.config, "quantization_config", None) or {}
-    if torch.device(device).type != "cpu" or dict(qc).get("quant_method", "gptq") != "gptq":
+    if torch.device(device).type != "cpu" or _quant_method(model) not in (None, "gptq"):
         return None
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.float16 not in floats:
@@ -155,8 +160,7 @@ def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
     loaded for evaluation); every protocol then records stored_dtype float16.
     """
     device = torch.device(device)
-    qc = getattr(model.config, "quantization_config", None) or {}
-    if dict(qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") == "bitsandbytes":
+    if _quant_method(model) == "bitsandbytes":
         from compress import memory
 
         with memory.mmap_threshold():  # bitsandbytes' many small buffers per matmul (see compress.memory)

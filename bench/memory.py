@@ -10,8 +10,14 @@ its output (eval_predicted_peak_bytes / eval_measured_peak_bytes). This script r
 compares the pairs with compress.memory.compare (25%, or within the 16 MiB noise floor of one CPU RSS
 measurement: the tiny model's stages live below it).
 
-    python bench/memory.py                          # tiny + smollm2 pipelines (~15 min on 2 cores)
-    python bench/memory.py --pipelines tiny         # seconds
+By default each stage runs in a fresh process (`compress run` of the pipeline cut after that stage: the
+stages before it are finished, so they are skipped), which is what the planner predicts: the stage's own
+memory. `--one-process` runs the whole pipeline in one process instead; on CPU, RSS then also holds what
+glibc's heap kept from earlier stages (measured in bench/results/memory-one-process.md).
+
+    python bench/memory.py                          # tiny + smollm2 pipelines (~20 min on 2 cores)
+    python bench/memory.py --pipelines tiny         # a minute
+    python bench/memory.py --one-process            # every pipeline in one process -> memory-one-process.*
     python bench/memory.py --runs artifacts/default # also compare the manifests of finished runs
 Writes bench/results/memory.json and memory.md.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -85,13 +92,14 @@ def compare_run(run_dir: Path) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], how: str) -> str:
     ok = sum(r["ok"] for r in rows)
     lines = [
         "# Memory planner: predicted vs measured peak", "",
         "Written by `bench/memory.py`. Predicted = compress.memory (from the loaded input model's config); measured "
         "= compress.memory.PeakMemory during the stage (CPU: peak RSS growth over the resident input model). "
-        "ok = within 25% of the measurement, or within the 16 MiB noise floor of one CPU RSS measurement.", "",
+        "ok = within 25% of the measurement, or within the 16 MiB noise floor of one CPU RSS measurement. "
+        f"Run: {how}.", "",
         f"{ok} of {len(rows)} within bounds.", "",
         "| run | stage | measured | predicted | predicted / measured | error | ok |", "|---|---|---|---|---|---|---|",
     ]
@@ -109,6 +117,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", nargs="*", type=Path, default=[], help="finished run folders to compare as well")
     ap.add_argument("--work", type=Path, default=None, help="where the pipelines run (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--one-process", action="store_true", help="run each pipeline in one process (default: a "
+                    "fresh process per stage)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging
@@ -121,14 +131,70 @@ def main(argv=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(PIPELINES[name]))
         pipe = pipeline.load(path)
-        pipeline.run(pipe, out_root=work, log=print, quiet=True)
+        warm_token_cache(pipe)
+        if a.one_process:
+            pipeline.run(pipe, out_root=work, log=print, quiet=True)
+        else:
+            run_stage_by_stage(path, work)
         rows += compare_run(work / pipe.name)
     for run_dir in a.runs:
         rows += compare_run(run_dir)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "memory.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (a.out / "memory.md").write_text(render(rows))
-    print(render(rows))
+    stem = "memory-one-process" if a.one_process else "memory"
+    how = ("every pipeline in one process" if a.one_process else
+           "each stage in a fresh process (the stages before it finished and skipped)")
+    (a.out / f"{stem}.json").write_text(json.dumps({"how": how, "rows": rows}, indent=1) + "\n")
+    (a.out / f"{stem}.md").write_text(render(rows, how))
+    print(render(rows, how))
+
+
+def warm_token_cache(pipe) -> None:
+    """Tokenize every text source the pipeline names, every split, once: compress.data caches the ids on disk,
+    and the planner plans a warm cache (compress.memory.data_bytes). A first tokenization costs several times
+    more (Python lists of ids), so without this the first stage to read a source on a new machine measures it."""
+    from compress import checkpoint, data
+
+    if pipe.model.startswith("tiny:"):
+        from compress import tiny
+
+        _, tok = tiny.build(pipeline._tiny_path(pipe.model), seed=pipe.seed)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(checkpoint.resolve(pipe.model))
+
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from strings(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from strings(v)
+
+    sources = sorted({s for s in strings(pipe.resolved()) if s.startswith("zoo:") and s != pipe.model})
+    for spec in sources:
+        try:
+            data.check_spec(spec)
+            data.load_documents(spec)
+        except Exception:  # a zoo model id, not a text source
+            continue
+        for split in ("train", "validation", "test"):
+            data.token_ids(tok, spec, split)
+
+
+def run_stage_by_stage(path: Path, work: Path) -> None:
+    """Run the pipeline at `path` cut after its 1st, 2nd, ... stage, each cut in a new Python process."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    for k in range(1, len(raw["stages"]) + 1):
+        cut = path.with_name(f"{path.stem}.first{k}.yaml")
+        cut.write_text(yaml.safe_dump({**raw, "stages": raw["stages"][:k]}, sort_keys=False))
+        code = ("import sys; from compress import pipeline; "
+                f"pipeline.run(pipeline.load({str(cut)!r}), out_root={str(work)!r}, log=print, quiet=True)")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,7 @@ class ModelShape:
     layer_params: int            # parameters of one decoder layer
     largest_tensor: int          # numel of the largest parameter (transient copies scale with it)
     float_buffers: int           # numel of persistent floating buffers (saved and cast with the weights)
+    logits: bool = True          # an LM head makes [batch, seq, vocab] logits; a bare encoder (BertModel) has none
 
     @property
     def kvd(self) -> int:
@@ -327,6 +328,7 @@ def _shape_from_model(model, raw: dict) -> ModelShape:
         largest_tensor=max(p.numel() for p in params),
         float_buffers=sum(b.numel() for m in model.modules() for n, b in m.named_buffers(recurse=False)
                           if b is not None and b.is_floating_point() and n not in m._non_persistent_buffers_set),
+        logits=model.get_output_embeddings() is not None,
     )
 
 
@@ -550,7 +552,8 @@ def _training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: b
     if autocast and w > 2:
         terms["autocast 16-bit weight copies"] = shape.linear_params * 2
     terms["activations"] = training_activation_bytes(shape, a, batch, seq, checkpointing)
-    terms["logits + loss"] = train_logits_bytes(shape, a, batch, seq)
+    if shape.logits:
+        terms["logits + loss"] = train_logits_bytes(shape, a, batch, seq)
     return terms
 
 
@@ -563,6 +566,9 @@ def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu") -> dict:
     shape, a = state.shape, state.act_bytes
     seq = int(_get(cfg, "seq_len", 512))
     batch = int(_get(cfg, "batch_size", 4))
+    max_tokens = _get(cfg, "max_tokens", None)
+    if max_tokens and not _get(cfg, "stride", None) and not _get(cfg, "agreement", None):
+        batch = max(1, min(batch, int(max_tokens) // seq))  # at most max_tokens // seq_len windows per source
     n = batch * seq * shape.vocab
     upcast = {}
     if kind == "cpu" and state.dtype == "float16" and state.format in ("plain", "gptq"):
@@ -571,11 +577,16 @@ def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu") -> dict:
     specs = _get(cfg, "perplexity", None) or []
     windows = bool(specs) or bool(_get(cfg, "agreement", None))   # forwards of whole batches of windows
     terms = {**upcast}
-    if windows:
+    if windows and shape.logits:
         terms.update({
             "logits": n * a,
             "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
             "log-softmax": n * 4,
+            "layer transient": inference_layer_bytes(shape, a, batch, seq),
+        })
+    elif windows:  # a bare encoder's agreement batches: last hidden state, its fp32 mean pool, one layer
+        terms.update({
+            "last hidden state (+ fp32 copy)": batch * seq * shape.hidden * (a + 4),
             "layer transient": inference_layer_bytes(shape, a, batch, seq),
         })
     if _get(cfg, "speed", True) and _get(cfg, "decode_tokens", 0):
@@ -769,10 +780,14 @@ def _distill(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     if teacher_ref is not None and teacher is not where.input:
         terms["teacher weights"] = teacher.weights_bytes()
     t_a = 2 if _autocast(cfg, where.kind) else teacher.act_bytes
-    n = batch * seq * shape.vocab
-    terms["teacher logits + hidden states"] = n * t_a + (teacher.shape.layers + 1) * batch * seq * teacher.shape.hidden * t_a
+    hidden_states = (teacher.shape.layers + 1) * batch * seq * teacher.shape.hidden * t_a
+    if teacher.shape.logits and shape.logits:
+        n = batch * seq * shape.vocab
+        terms["teacher logits + hidden states"] = n * t_a + hidden_states
+        terms["soft targets + KL"] = 6 * n * 4
+    else:  # bare encoders: embedding distillation, no logits (compress/stages/distill.py)
+        terms["teacher hidden states"] = hidden_states
     terms["teacher forward (one layer)"] = inference_layer_bytes(teacher.shape, t_a, batch, seq)
-    terms["soft targets + KL"] = 6 * n * 4
     domains = _domains(_get(cfg, "data", None), where.data.get("train"))
     terms["training text"] = data_bytes(shape, [(d, sp) for sp in ("train", "validation") for d in domains])
     return _Parts(terms, state.weights_bytes(), dataclasses.replace(state, shape=student))

@@ -179,6 +179,29 @@ def test_plan_flows_state_and_flags_what_does_not_fit():
         M.plan({"stages": [{"cast": {"from": "nowhere"}}]}, SMOLLM2)
 
 
+def test_bare_encoder_plans_no_logits():
+    """A bare encoder (BertModel: no LM head) distils and is evaluated on hidden states: no vocab-sized terms."""
+    bare = {**json.loads(TINY_BERT.read_text()), "architectures": ["BertModel"]}
+    shape = M.describe(bare)
+    assert not shape.logits and M.describe(TINY_BERT).logits
+    stages = {"eval": {"agreement": ["zoo:austen"], "seq_len": 128},
+              "stages": [{"distill": {"layers": 2, "batch_size": 4, "seq_len": 128}}]}
+    base, distill = M.plan(stages, bare)
+    assert not any("logits" in k or "KL" in k for k in distill.breakdown)
+    B, S, h = 4, 128, 64
+    assert distill.breakdown["teacher hidden states"] == (4 + 1) * B * S * h * 4   # every teacher layer + embeddings
+    assert "last hidden state (+ fp32 copy)" in M._eval_terms(base.output_state, {"agreement": ["x"], "seq_len": 128})
+    with_head = M.plan(stages, json.loads(TINY_BERT.read_text()))[1]
+    assert with_head.breakdown["soft targets + KL"] == 6 * B * S * 264 * 4
+
+
+def test_eval_batches_no_more_windows_than_max_tokens_gives(tiny_shape):
+    state = M.ModelState(tiny_shape, "float32")
+    few = M._eval_terms(state, {"perplexity": ["x"], "seq_len": 512, "batch_size": 4, "max_tokens": 1024})
+    many = M._eval_terms(state, {"perplexity": ["x"], "seq_len": 512, "batch_size": 4, "max_tokens": 20480})
+    assert few["logits"] == 2 * 512 * 264 * 4 and many["logits"] == 4 * 512 * 264 * 4   # 2 windows, then batch 4
+
+
 def test_gptq_advice_on_a_small_gpu():
     seven = M.llama_config("7b")
     stages = {"stages": [{"cast": {"dtype": "bfloat16"}}, {"gptq": {"nsamples": 256, "seq_len": 2048}}]}

@@ -36,6 +36,7 @@ from torch import nn
 from compress.algorithms.gptq import (
     BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
 )
+from compress import memory
 from compress.errors import CompressError
 from compress.modeling import (
     StopForward, call_block, capture_layer_inputs, decoder_layers_with_name, linear_weight, linears, move,
@@ -94,8 +95,6 @@ def run(model, tokenizer, cfg: Config, ctx):
     if cfg.method == "gptq":
         tokens, calib_stats = calibration_tokens(tokenizer, cfg, ctx)
     if cfg.method == "rtn":  # linear by linear, small temporaries between kept codes: keep RSS to live bytes
-        from compress import memory
-
         with memory.mmap_threshold():
             stats = quantize_model(model, cfg, ctx, tokens)
     else:
@@ -192,6 +191,12 @@ def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | No
             lin_stats[n] = _linear_stats(res)
         _cast_unquantized(block, dtype)
         block.to(home)
+        if device.type == "cpu":
+            # Give this block's freed transients back to the OS. A heap left fragmented by earlier work in the
+            # process (a training stage, an evaluation) otherwise serves each block from other, not yet resident
+            # free chunks, and RSS climbs layer by layer: RTN on SmolLM2 after two training steps grew 283 MiB
+            # without this and 141 MiB with it (130 MiB in a fresh process; planner 138 MiB). ~30 calls, ms each.
+            memory.release_free_heap()
         seconds = time.perf_counter() - t_layer
         layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
         if cfg.method == "gptq":

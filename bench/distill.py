@@ -10,10 +10,13 @@
     teacher's layers dropped, nothing learned) so the gain is visible.
 (b) smollm2: SmolLM2-135M (zoo:smollm2-135m, 30 layers) -> a 15-layer student (alternate: [0, 2, ..., 12, 15,
     ..., 29]) trained for the same token budget twice, from the same init, on the same batches (same seed)
-    and schedule: with the DistilBERT loss (5 KL(T=2) + 2 LM + 1 cos) and with the LM loss alone (alpha_lm 1,
-    the others 0). Score: compress.evaluate.perplexity on the TEST splits of zoo:austen and zoo:shakespeare
-    (non-overlapping windows of `--eval-seq-len` tokens, `--eval-tokens` per source). Distillation must win
-    (lower perplexity on both). Teacher and untrained-student perplexities are recorded as references.
+    and schedule, once per arm: `distill` with the DistilBERT loss (5 KL(T=2) + 2 LM + 1 cos, the stage's
+    defaults), `kd_t1` with the teacher's distribution alone (forward KL at T = 1, alpha_kl 1, the others 0,
+    as causal-LM distillation usually is), and `lm_only` with the LM loss alone (alpha_lm 1, the others 0).
+    Score: compress.evaluate.perplexity on the TEST splits of zoo:austen and zoo:shakespeare (non-overlapping
+    windows of `--eval-seq-len` tokens, `--eval-tokens` per source). Distillation must win (lower perplexity
+    than lm_only on both). Teacher and untrained-student perplexities are recorded as references. `--arms`
+    runs some arms only and merges them into the recorded entry (same budget and settings, else refused).
 
 Training data for both: the TRAIN splits of zoo:austen and zoo:shakespeare, mixed uniformly (the stage's
 default). Each run is a `distill.run` call (the stage as a pipeline would run it), on CPU with the torch threads
@@ -21,7 +24,8 @@ given by --threads. Wall times depend on the machine's load (the CPU is shared):
 average at the start.
 
     python bench/distill.py minilm                             # 1M tokens: ~40 min on 1 busy core
-    python bench/distill.py smollm2 --tokens 65536 --eval-tokens 8192   # two trainings of a 81M student
+    python bench/distill.py smollm2 --tokens 65536 --eval-tokens 8192   # three trainings of a 81M student
+    python bench/distill.py smollm2 --tokens 65536 --eval-tokens 8192 --arms kd_t1   # one more arm
     python bench/distill.py smollm2 --tokens 8192 --eval-tokens 4096 --smoke   # code path check only
 Results merge into bench/results/distill.json (one entry per part; a --smoke run is marked as such) and are
 rendered to bench/results/distill.md.
@@ -135,33 +139,49 @@ def bench_smollm2(args) -> dict:
         model.eval()
         return {s: round(evaluate.perplexity(model, tok, s, ecfg, "cpu")["value"], 3) for s in SOURCES}
 
-    out = {"teacher_ppl": ppl(teacher)}
-    init_only, idx, _ = distill.build_student(teacher, args.layers, "alternate")
-    out["init_only_ppl"] = ppl(init_only)
-    del init_only
     common = dict(layers=args.layers, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                   lr=args.lr, save_every=0, eval_tokens=max(args.seq_len, 2048))
+    eval_protocol = {"metric": "perplexity", "sources": SOURCES, "split": "test", "seq_len": args.eval_seq_len,
+                     "max_tokens": args.eval_tokens}
+    out = {}
+    if args.arms:  # add arms to the recorded entry: only under the same budget and protocol
+        out = dict(args.previous or {})
+        if out.get("config") != common or out.get("eval") != eval_protocol:
+            raise SystemExit(f"--arms: the recorded smollm2 entry has config {out.get('config')} / eval "
+                             f"{out.get('eval')}; this run would use {common} / {eval_protocol}; run all arms")
+    else:
+        out["teacher_ppl"] = ppl(teacher)
+        init_only, _, _ = distill.build_student(teacher, args.layers, "alternate")
+        out["init_only_ppl"] = ppl(init_only)
+        del init_only
+    from compress.algorithms import kd
+
+    idx = kd.select_layers(teacher.config.num_hidden_layers, args.layers, "alternate")
     runs = {"distill": distill.Config(**common),
+            "kd_t1": distill.Config(**common, alpha_kl=1.0, alpha_lm=0.0, alpha_cos=0.0, temperature=1.0),
             "lm_only": distill.Config(**common, alpha_kl=0.0, alpha_lm=1.0, alpha_cos=0.0)}
     for name, cfg in runs.items():
+        if args.arms and name not in args.arms:
+            continue
         print(f"[bench] smollm2 {name}", flush=True)
         with tempfile.TemporaryDirectory() as work:
             t0 = time.perf_counter()
             student, stats = distill.run(teacher, tok, cfg, _context(Path(work)))
             seconds = time.perf_counter() - t0
         out[name] = {"ppl": ppl(student), "stage_seconds": round(seconds, 1), "tokens": stats["tokens"],
-                     "tokens_per_s": stats["tokens_per_s"], "weights": stats["weights"], "stats": _slim(stats)}
+                     "tokens_per_s": stats["tokens_per_s"], "weights": stats["weights"], "stats": _slim(stats),
+                     "env": args.env, "command": args.command}
         del student
-    wins = {s: out["distill"]["ppl"][s] < out["lm_only"]["ppl"][s] for s in SOURCES}
+    kd_arms = [a for a in ("distill", "kd_t1") if a in out]
+    wins = {a: {s: out[a]["ppl"][s] < out["lm_only"]["ppl"][s] for s in SOURCES} for a in kd_arms}
     out.update({
         "what": f"SmolLM2-135M -> {args.layers}-layer student (teacher layers {idx}): KD vs LM-only, same tokens",
-        "config": {k: v for k, v in common.items()},
-        "eval": {"metric": "perplexity", "sources": SOURCES, "split": "test", "seq_len": args.eval_seq_len,
-                 "max_tokens": args.eval_tokens},
+        "config": common,
+        "eval": eval_protocol,
         "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
                    "student": out["distill"]["stats"]["student"]["params"],
                    "ratio": round(out["distill"]["stats"]["param_ratio"], 4)},
-        "distill_wins": wins, "passed": all(wins.values()),
+        "distill_wins": wins, "passed": {a: all(w.values()) for a, w in wins.items()},
     })
     return out
 
@@ -203,11 +223,15 @@ def render(results: dict) -> str:
                   f"{s['eval']['max_tokens']} tokens) | " + " | ".join(SOURCES) + " |",
                   "|---|" + "---|" * len(SOURCES)]
         rows = [("teacher (30 layers)", s["teacher_ppl"]), ("student untrained (layers dropped)", s["init_only_ppl"]),
-                ("student, LM loss only", s["lm_only"]["ppl"]), ("student, distilled (5 KL + 2 LM + 1 cos)",
-                                                                 s["distill"]["ppl"])]
+                ("student, LM loss only (`lm_only`)", s["lm_only"]["ppl"]),
+                ("student, distilled: 5 KL(T=2) + 2 LM + 1 cos (`distill`, the stage's defaults)", s["distill"]["ppl"])]
+        if "kd_t1" in s:
+            rows.append(("student, distilled: KL at T=1 alone (`kd_t1`)", s["kd_t1"]["ppl"]))
         for label, vals in rows:
             lines.append(f"| {label} | " + " | ".join(str(vals[x]) for x in SOURCES) + " |")
-        lines += ["", f"Distillation wins on every source: **{'yes' if s['passed'] else 'NO'}**.", ""]
+        passed = s["passed"] if isinstance(s["passed"], dict) else {"distill": s["passed"]}
+        lines += [""] + [f"`{a}` beats LM-only on every source: **{'yes' if ok else 'NO'}** "
+                         f"({s[a]['stage_seconds']} s)." for a, ok in passed.items()] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +251,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512, help="smollm2: perplexity window")
     ap.add_argument("--eval-tokens", type=int, default=20480, help="smollm2: perplexity tokens per source")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arms", nargs="*", choices=["distill", "kd_t1", "lm_only"], default=None,
+                    help="smollm2: run these arms only, merged into the recorded entry")
     ap.add_argument("--smoke", action="store_true", help="mark the result as a code-path check, not a number")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -238,13 +264,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env = _env(args.threads)
-    t0 = time.perf_counter()
-    res = bench_minilm(args) if args.part == "minilm" else bench_smollm2(args)
-    res.update(env=env, total_seconds=round(time.perf_counter() - t0, 1), smoke=args.smoke,
-               command="python bench/distill.py " + " ".join(os.sys.argv[1:]))
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.command = "python bench/distill.py " + " ".join(os.sys.argv[1:])
     path = args.out / "distill.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    args.previous = results.get(args.part)
+    if args.arms and args.part != "smollm2":
+        raise SystemExit("--arms is for the smollm2 part")
+    args.env = env
+    t0 = time.perf_counter()
+    res = bench_minilm(args) if args.part == "minilm" else bench_smollm2(args)
+    if not args.arms:  # a merge keeps the entry's own run record; each new arm carries its own
+        res.update(env=env, total_seconds=round(time.perf_counter() - t0, 1), smoke=args.smoke, command=args.command)
+    args.out.mkdir(parents=True, exist_ok=True)
     results[args.part] = res
     path.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "distill.md").write_text(render(results))

@@ -13,7 +13,14 @@ the dtype of the unquantized parts; references: the float32 and bfloat16 models 
 
     python bench/int8_vs_bnb.py                 # ~15 min on 2 cores
     python bench/int8_vs_bnb.py --max-tokens 4096
+    python bench/int8_vs_bnb.py --sensitivity   # ~20 min: how far tiny weight changes move each model
 Writes bench/results/int8.json and int8.md.
+
+--sensitivity asks where the 16-bit rest's perplexity cost comes from. The unquantized part that matters is the
+tied embedding / lm_head (the norms are exact in 16 bits). It changes that matrix alone, by about as much as
+float16 rounding does (relative 2e-4) or by bfloat16 rounding, keeps everything else in float32 (so that the
+int8 model is the direct load's but for that change), and measures the float32 model under the same change.
+Results merge into int8.json under "sensitivity".
 """
 
 from __future__ import annotations
@@ -72,8 +79,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=20480)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--sensitivity", action="store_true", help="only the embedding-perturbation arms (see above)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.sensitivity:
+        return sensitivity(a)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging
 
@@ -127,6 +137,51 @@ def main(argv=None) -> None:
     print(render(res))
 
 
+def perturb_embedding(model, how: str) -> float:
+    """Change the input embedding (tied to lm_head) in place, as `how` says; returns the relative change's norm.
+
+    bfloat16 / float16: round to that dtype (kept in float32); noise-<seed>: add w * u, u uniform in [-1, 1]
+    (seeded), scaled to the relative size of float16 rounding."""
+    e = model.get_input_embeddings().weight
+    w = e.data.clone()
+    if how in ("bfloat16", "float16"):
+        new = w.to(getattr(torch, how)).float()
+    else:
+        g = torch.Generator().manual_seed(int(how.removeprefix("noise-")))
+        noise = w * (torch.rand(w.shape, generator=g) * 2 - 1)
+        target = ((w.half().float() - w).norm() / w.norm()).item()
+        new = w + noise * (target * w.norm() / noise.norm())
+    e.data = new
+    return float((new - w).norm() / w.norm())
+
+
+def sensitivity(a) -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    folder = checkpoint.resolve("zoo:smollm2-135m")
+    ctx = Context(device=torch.device("cpu"), seed=0, data={}, work_dir=Path(tempfile.mkdtemp(prefix="int8-sens-")),
+                  quiet=True, log=lambda m: None)
+    rows = []
+    for model_kind, how in [("float32", "float16"), ("int8", "none"), ("int8", "float16"), ("int8", "bfloat16"),
+                            ("int8", "noise-1"), ("int8", "noise-2")]:
+        model, tok = checkpoint.load(folder)
+        rel = 0.0 if how == "none" else perturb_embedding(model, how)
+        if model_kind == "int8":  # the stage with the rest in float32: the direct load's model, but for `how`
+            model, _ = stage.run(model, tok, stage.Config(dtype="float32", calibration_samples=0), ctx)
+        r = measure(model, tok, a.max_tokens)
+        rows.append({"model": model_kind, "embedding": how, "relative_change": rel, "perplexity": r["perplexity"]})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    path = a.out / "int8.json"
+    res = json.loads(path.read_text())
+    res["sensitivity"] = {"what": "perplexity after changing only the tied embedding / lm_head (rest float32)",
+                          "max_tokens": a.max_tokens, "threads": torch.get_num_threads(), "rows": rows}
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    (a.out / "int8.md").write_text(render(res))
+    print(render(res))
+
+
 def render(res: dict) -> str:
     arms, p = res["arms"], res["protocol"]
     f32, b16 = arms["float32"], arms["bfloat16"]
@@ -151,6 +206,21 @@ def render(res: dict) -> str:
     if "transformers_reload_max_rel_error" in ours:
         lines += ["", f"Our checkpoint reloaded by transformers' own bitsandbytes loader: logits within "
                       f"{ours['transformers_reload_max_rel_error']:.2g} (max relative) of the in-memory model."]
+    sens = res.get("sensitivity")
+    if sens:
+        ref = {r["model"]: r["perplexity"] for r in sens["rows"] if r["embedding"] == "none"}
+        ref.setdefault("float32", f32["perplexity"])
+        lines += ["", "## Sensitivity: only the tied embedding / lm_head changed, everything else float32", "",
+                  f"`--sensitivity`, {sens['max_tokens']} tokens per source, {sens['threads']} threads. int8 = the "
+                  "stage with `dtype: float32` (the direct load's model) after the change.", "",
+                  "| model | embedding change | relative size | " + " | ".join(f"ppl {s}" for s in p["sources"]) + " |",
+                  "|---|---|---|" + "---|" * len(p["sources"])]
+        for r in sens["rows"]:
+            base = ref.get(r["model"])
+            cells = " | ".join(f"{r['perplexity'][s]:.3f}" + (f" ({100 * (r['perplexity'][s] / base[s] - 1):+.2f}%)"
+                                                               if base and r["embedding"] != "none" else "")
+                               for s in p["sources"])
+            lines.append(f"| {r['model']} | {r['embedding']} | {r['relative_change']:.1e} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

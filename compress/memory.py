@@ -557,12 +557,14 @@ def _training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: b
     return terms
 
 
-def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu") -> dict:
+def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu", reference: ModelState | None = None) -> dict:
     """compress/evaluate.py: perplexity windows of seq_len in batches of batch_size with use_cache=False, NLL
     from logits[:, :-1].float() (a copy: bf16 upcast, or the non-contiguous slice when batch > 1) and its
     log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens). On a CPU a
     float16 model (plain or GPTQ) is computed in float32 (evaluate.upcast_float16_on_cpu): a float32 copy of
-    its floating tensors, float32 activations."""
+    its floating tensors, float32 activations. Agreement (bare encoders, or `agreement:` sources): batches of
+    evaluate.AGREEMENT_BATCH sentences with every layer's hidden states; `reference` is the base model an
+    encoder other than the base is compared with (loaded for the evaluation)."""
     shape, a = state.shape, state.act_bytes
     seq = int(_get(cfg, "seq_len", 512))
     batch = int(_get(cfg, "batch_size", 4))
@@ -575,30 +577,42 @@ def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu") -> dict:
         upcast["float32 copy (float16 computed in float32 on CPU)"] = state.float_numel() * 4
         a = 4
     specs = _get(cfg, "perplexity", None) or []
-    windows = bool(specs) or bool(_get(cfg, "agreement", None))   # forwards of whole batches of windows
+    agree = _get(cfg, "agreement", None) or ([] if shape.logits else specs)  # bare encoders: agreement by default
+    ppl_specs = specs if shape.logits else []
     terms = {**upcast}
-    if windows and shape.logits:
-        terms.update({
+    # the two kinds of forwards run one after the other: the larger working set is the peak
+    phases = {}
+    if ppl_specs:  # perplexity windows
+        phases["perplexity"] = (batch, {
             "logits": n * a,
             "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
             "log-softmax": n * 4,
             "layer transient": inference_layer_bytes(shape, a, batch, seq),
         })
-    elif windows:  # a bare encoder's agreement batches: last hidden state, its fp32 mean pool, one layer
-        terms.update({
-            "last hidden state (+ fp32 copy)": batch * seq * shape.hidden * (a + 4),
-            "layer transient": inference_layer_bytes(shape, a, batch, seq),
+    if agree:  # agreement: AGREEMENT_BATCH sentences of <= seq_len tokens, output_hidden_states, fp32 mean pool
+        B = AGREEMENT_BATCH
+        phases["agreement"] = (B, {
+            "hidden states of every layer": (shape.layers + 1) * B * seq * shape.hidden * a,
+            "fp32 last hidden state and masked copy": 2 * B * seq * shape.hidden * 4,
+            "logits": B * seq * shape.vocab * a if shape.logits else 0,
+            "layer transient": inference_layer_bytes(shape, a, B, seq),
         })
-    if _get(cfg, "speed", True) and _get(cfg, "decode_tokens", 0):
+        if reference is not None:  # the base model, compared against, is read in during the evaluation
+            phases["agreement"][1]["reference (base) model weights"] = reference.weights_bytes()
+    rows = 0
+    if phases:
+        rows, peak = max(phases.values(), key=lambda p: sum(p[1].values()))
+        terms.update(peak)
+    if _get(cfg, "speed", True) and _get(cfg, "decode_tokens", 0) and shape.logits:
         decode = int(_get(cfg, "decode_tokens", 32))
         terms["decode kv cache"] = kv_cache_bytes(shape, a, 1, 64 + decode)
     if state.format == "gptq":  # QuantLinear caches each dequantized weight in the activation dtype
         terms["dequantized weight cache"] = state.shape.layers * sum(i * o for _, i, o in state.quantized_linears()) * a
-    elif state.format == "bnb-int8" and windows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
+    elif state.format == "bnb-int8" and rows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
         i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1])
-        terms["int8 matmul buffers"] = batch * seq * (3 * i + 4 * o)
-    if specs:  # one source at a time: the largest test split
-        terms["eval text"] = max(data_bytes(shape, [(sp, "test")]) for sp in specs)
+        terms["int8 matmul buffers"] = rows * seq * (3 * i + 4 * o)
+    if specs or agree:  # one source at a time: the largest test split
+        terms["eval text"] = max(data_bytes(shape, [(sp, "test")]) for sp in [*specs, *agree])
     return {k: v for k, v in terms.items() if v}
 
 
@@ -613,6 +627,9 @@ def _corpus_chars(spec: str) -> tuple[int, dict]:
     except (ImportError, CompressError, OSError):
         return 0, {}
     return sum(map(len, docs)), {k: sum(map(len, v)) for k, v in splits.items()}
+
+
+AGREEMENT_BATCH = 32  # sentences per forward of compress.evaluate.embed (evaluate.AGREEMENT_BATCH)
 
 
 def data_bytes(shape: ModelShape, reads: list[tuple[str, str]]) -> int:
@@ -803,7 +820,9 @@ def _cast(cfg: dict, state: ModelState, where: _Where) -> _Parts:
 
 
 def _eval(cfg: dict, state: ModelState, where: _Where) -> _Parts:
-    return _Parts(_eval_terms(state, cfg, where.kind), state.weights_bytes(), state)
+    base = where.states.get("base")
+    ref = base if base is not None and base is not where.input and not state.shape.logits else None
+    return _Parts(_eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
 
 
 STAGE_MODELS = {"cast": _cast, "gptq": _gptq, "int8": _int8, "train": _train, "prune": _prune,
@@ -894,7 +913,8 @@ def predict_stage(stage_type: str, stage_cfg: dict | None, model_config: Any, st
                      breakdown=breakdown, index=index, device_kind=kind, allocated_bytes=allocated,
                      output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out)
     if eval_cfg is not None and stage_type != "eval":
-        ev = int(sum(_eval_terms(parts.out, {**stage_defaults("eval"), **eval_cfg}, kind).values()))
+        ref = states.get("base") if stage_type != "base" and not parts.out.shape.logits else None
+        ev = int(sum(_eval_terms(parts.out, {**stage_defaults("eval"), **eval_cfg}, kind, ref).values()))
         plan.eval_growth_bytes = ev
         plan.eval_peak_bytes = plan.output_weights_bytes + ev + overhead
     if dev is not None:
@@ -1323,9 +1343,11 @@ def predict_for_run(pipe, spec, model) -> int:
                          data=data, loaded=loaded).growth_bytes
 
 
-def predict_eval_for_run(eval_cfg, model) -> int:
-    """Predicted growth of evaluating `model` under the pipeline's eval block (EvalConfig or dict): compare
-    with memory.eval_measured_peak_bytes."""
+def predict_eval_for_run(eval_cfg, model, reference=None) -> int:
+    """Predicted growth of evaluating `model` under the pipeline's eval block (EvalConfig or dict), against
+    `reference` (the base model a bare encoder is compared with, loaded for it; None: itself): compare with
+    memory.eval_measured_peak_bytes."""
     cfg = dataclasses.asdict(eval_cfg) if dataclasses.is_dataclass(eval_cfg) else dict(eval_cfg or {})
     kind = next(model.parameters()).device.type
-    return int(sum(_eval_terms(state_from_model(model), {**stage_defaults("eval"), **cfg}, kind).values()))
+    ref = None if reference is None or reference is model else state_from_model(reference)
+    return int(sum(_eval_terms(state_from_model(model), {**stage_defaults("eval"), **cfg}, kind, ref).values()))

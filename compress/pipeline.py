@@ -724,7 +724,7 @@ class _Runner:
         base = None
         if _is_bare_encoder(model):
             base = model if is_base else checkpoint.load(self.folders["base"], device=self.device)[0]
-        predicted = memory.predict_eval_for_run(self.pipe.eval, model)
+        predicted = memory.predict_eval_for_run(self.pipe.eval, model, base)
         with memory.PeakMemory(self.device, model) as pm:
             result = evaluate.run(model, tok, self.pipe.eval, device=self.device, base_model=base)
         m["memory"]["eval_predicted_peak_bytes"] = predicted

@@ -190,9 +190,19 @@ def test_bare_encoder_plans_no_logits():
     assert not any("logits" in k or "KL" in k for k in distill.breakdown)
     B, S, h = 4, 128, 64
     assert distill.breakdown["teacher hidden states"] == (4 + 1) * B * S * h * 4   # every teacher layer + embeddings
-    assert "last hidden state (+ fp32 copy)" in M._eval_terms(base.output_state, {"agreement": ["x"], "seq_len": 128})
+    ev = M._eval_terms(base.output_state, {"perplexity": ["zoo:austen"], "seq_len": 128})  # agreement by default
+    B = M.AGREEMENT_BATCH
+    assert ev["hidden states of every layer"] == (4 + 1) * B * S * h * 4 and "logits" not in ev
+    assert "reference (base) model weights" not in ev
+    ev_cfg = {**M.stage_defaults("eval"), **stages["eval"]}
+    with_ref = M._eval_terms(distill.output_state, ev_cfg, "cpu", base.output_state)
+    assert with_ref["reference (base) model weights"] == base.output_weights_bytes      # the student vs its teacher
+    assert distill.eval_growth_bytes == sum(with_ref.values())
+    from compress import evaluate
+
+    assert M.AGREEMENT_BATCH == evaluate.AGREEMENT_BATCH
     with_head = M.plan(stages, json.loads(TINY_BERT.read_text()))[1]
-    assert with_head.breakdown["soft targets + KL"] == 6 * B * S * 264 * 4
+    assert with_head.breakdown["soft targets + KL"] == 6 * 4 * S * 264 * 4   # distill batch 4
 
 
 def test_eval_batches_no_more_windows_than_max_tokens_gives(tiny_shape):

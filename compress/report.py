@@ -4,8 +4,8 @@
 
 reads `<run>/NN-name/manifest.json` (manifest.py's schema; a folder without one is an unfinished stage and
 is skipped), and gives per stage: format, parameters, disk size, bits per weight, measured (and predicted)
-peak memory, perplexity per eval set with its change against that run's 00-base, eval and decode tokens/s,
-stage seconds. Perplexities are compared only when their eval protocols (dataset fingerprint, split,
+peak memory, perplexity per eval set with its change against that run's 00-base, encoder agreement with the
+base (Spearman) per eval set, eval and decode tokens/s, stage seconds. Perplexities are compared only when their eval protocols (dataset fingerprint, split,
 seq_len, tokens...) are equal, as the manifest records them (evaluate.same_protocol: the model's dtype and
 device may differ); otherwise the change is left blank.
 `pareto_plot` draws disk size (or weights memory) against the first eval set's perplexity, one point per
@@ -86,6 +86,7 @@ def collect(run_dirs) -> list[dict]:
                 "perplexity": {spec: v for spec, (v, _) in ppl.items()},
                 "perplexity_protocol": {spec: p for spec, (_, p) in ppl.items()},
                 "perplexity_change_pct": change,
+                "agreement": _agreements(m),
                 "eval_tokens_per_s": speed.get("eval_tokens_per_s"),
                 "eval_speed_vs_base": _ratio(speed, base, "eval_tokens_per_s"),
                 "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
@@ -118,11 +119,18 @@ def _perplexities(manifest: dict) -> dict:
     return out
 
 
-def eval_sets(rows: list[dict]) -> list[str]:
-    """Eval set specs in first-seen order (the base's order first)."""
+def _agreements(manifest: dict) -> dict:
+    """spec -> Spearman agreement with the base (bare encoders) from manifest['accuracy']['agreement']."""
+    agree = ((manifest.get("accuracy") or {}).get("agreement")) or {}
+    return {spec: float(e["spearman"]) for spec, e in agree.items()
+            if isinstance(e, dict) and e.get("spearman") is not None}
+
+
+def eval_sets(rows: list[dict], key: str = "perplexity") -> list[str]:
+    """Eval set specs of `key` (perplexity or agreement) in first-seen order (the base's order first)."""
     specs = []
     for r in rows:
-        for spec in r["perplexity"]:
+        for spec in r.get(key) or {}:
             if spec not in specs:
                 specs.append(spec)
     return specs
@@ -153,9 +161,10 @@ def _ppl_cell(r: dict, spec: str) -> str:
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, cells) shared by the markdown and HTML renderings."""
-    specs = eval_sets(rows)
+    specs, agree = eval_sets(rows), eval_sets(rows, "agreement")
     head = ["run", "stage", "format", "params", "disk", "bits/weight", "peak memory", "predicted",
-            *[f"ppl {s}" for s in specs], "eval tok/s", "decode tok/s", "seconds"]
+            *[f"ppl {s}" for s in specs], *[f"agreement {s}" for s in agree], "eval tok/s", "decode tok/s",
+            "seconds"]
     cells = []
     for r in rows:
         method = {"rss-growth": " (RSS growth)", "cuda-max-allocated": " (CUDA)"}.get(r["memory_method"], "")
@@ -165,6 +174,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             fmt_bytes(r["measured_peak_bytes"]) + (method if r["measured_peak_bytes"] is not None else ""),
             fmt_bytes(r["predicted_peak_bytes"]),
             *[_ppl_cell(r, s) for s in specs],
+            *[_num((r.get("agreement") or {}).get(s), "{:.3f}") for s in agree],
             _speed_cell(r), _num(r["decode_tokens_per_s"], "{:,.1f}"), _num(r["seconds"], "{:,.1f}"),
         ])
     return head, cells

@@ -68,7 +68,9 @@ def _log(msg: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Only validate the pipeline (YAML, stages, keys, model, data, "
               "predicted memory).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run(pipeline_file, out, force, dry_run, quiet):
+@click.option("--until", "until", default=None, metavar="STAGE",
+              help="Stop after this stage (its name, NN-name, or base); a later run goes on from there.")
+def run(pipeline_file, out, force, dry_run, quiet, until):
     """Run a pipeline YAML: every stage -> checkpoint + manifest.json.
 
     \b
@@ -77,9 +79,14 @@ def run(pipeline_file, out, force, dry_run, quiet):
       compress run pipelines/tiny-smoke.yaml --out /tmp/runs
       compress run my.yaml --dry-run                 # validate only, load nothing
       compress run my.yaml --force                   # redo finished stages
+      compress run my.yaml --until gptq              # base ... gptq only; rerun to go on
 
     A rerun skips stages whose input and config are unchanged (it says so); a stage that was interrupted
-    is redone, the stages before it are kept.
+    is redone, the stages before it are kept. On a CPU with little RAM, one process per stage keeps each
+    stage's memory its own (nothing that earlier stages left in the heap):
+
+    \b
+      for s in cast gptq-w4g128 rtn-w4g128 int8; do compress run --until $s; done
 
     \b
     Several GPUs (or CPU processes): the training stages (prune, train, distill) run data-parallel,
@@ -90,6 +97,7 @@ def run(pipeline_file, out, force, dry_run, quiet):
 
     _quiet_libraries()
     pipe = pipeline.load(pipeline_file)
+    pipeline.stage_position(pipe, until)  # an unknown --until fails here, before anything is loaded
     if dry_run:
         pipeline.check_model_spec(pipe.model, pipe.allow_pickle)
         if not force:
@@ -102,7 +110,7 @@ def run(pipeline_file, out, force, dry_run, quiet):
         word = {"done": "done", "skipped": "skipped (up to date)", "re-evaluated": "re-evaluated (eval changed)"}
         _log(f"[{res.folder}] {word[res.status]}")
 
-    results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show)
+    results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show, until=until)
     if not pipeline.is_main_process():  # `accelerate launch`: the main process prints the summary
         return
     run_dir = Path(out) / pipe.name

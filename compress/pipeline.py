@@ -412,11 +412,18 @@ def run(
     log: Callable[[str], None] = print,
     quiet: bool = False,
     on_result: Callable[[StageResult], None] | None = None,
+    until: str | None = None,
 ) -> list[StageResult]:
     """Run every stage of `pipe` into <out_root>/<name>/, skipping what is already done; see module doc.
 
+    `until` (a stage name, its folder NN-name, or "base") stops after that stage: the later ones are not
+    touched, and a later run picks them up. Running a pipeline once per stage this way gives every stage a
+    fresh process (on a CPU: none of the heap earlier stages left behind).
     Under `accelerate launch` (several processes) every process calls this; see _Ranks for who does what.
     """
+    stop = stage_position(pipe, until)
+    if until is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CompressError("--until runs on one process only; run it without `accelerate launch`")
     check_model_spec(pipe.model, pipe.allow_pickle)
     out = Path(out_root) / pipe.name
     device = pick_device(pipe.device)
@@ -434,7 +441,7 @@ def run(
     runner = _Runner(pipe, out, ranks.device, force, log if ranks.main else (lambda m: None), quiet or not ranks.main,
                      ranks)
     results = []
-    for res in runner.all():
+    for res in runner.all(stop):
         results.append(res)
         if on_result and ranks.main:
             on_result(res)
@@ -444,6 +451,19 @@ def run(
         report.write(out)
     ranks.end()
     return results
+
+
+def stage_position(pipe: Pipeline, name: str | None) -> int:
+    """Index (0 = base) of the stage named `name` (or its folder NN-name); the last index for None."""
+    if name is None:
+        return len(pipe.stages)
+    for spec in pipe.stages:
+        if name in (spec.name, spec.folder):
+            return spec.index
+    if name in ("base", "00-base"):
+        return 0
+    known = ", ".join(["base", *(s.name for s in pipe.stages)])
+    raise CompressError(f"--until {name!r}: the pipeline has no stage of that name; its stages: {known}")
 
 
 def is_main_process() -> bool:
@@ -548,12 +568,14 @@ class _Runner:
         self.hashes: dict[str, str] = {}     # stage name -> output hash
         self.eval_hash = eval_hash(pipe)
 
-    def all(self):
+    def all(self, stop: int | None = None):
+        """Base, then every stage up to index `stop` (all when None), each result as it is finished."""
         if not self.ranks.main:
             yield from self._follow()
             return
+        steps = [self.base, *(lambda s=s: self.stage(s) for s in self.pipe.stages)]
         try:
-            for index, step in enumerate([self.base, *(lambda s=s: self.stage(s) for s in self.pipe.stages)]):
+            for index, step in enumerate(steps[: None if stop is None else stop + 1]):
                 res = step()
                 name = "base" if index == 0 else self.pipe.stages[index - 1].name
                 self.ranks.done(index, self.folders[name], self.hashes[name], res.status)

@@ -92,6 +92,19 @@ def test_rerun_skips_every_stage_and_force_redoes(tmp_path):
     assert [r.status for r in forced] == ["done"] * 3
 
 
+def test_until_stops_after_a_stage_and_a_rerun_goes_on(tmp_path):
+    p = write_pipeline(tmp_path, SMOKE)
+    pipe = pipeline.load(p)
+    first = pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True, until="cast")
+    assert [r.folder for r in first] == ["00-base", "01-cast"]
+    assert not (tmp_path / "smoke" / "02-fp16").exists()
+    r = cli("run", str(p), "--out", str(tmp_path), "-q", "--until", "02-fp16")
+    assert r.exit_code == 0 and "[02-fp16] done" in r.output and r.output.count("skipped") >= 2
+    assert manifest.read(tmp_path / "smoke" / "02-fp16")["complete"]
+    bad = cli("run", str(p), "--out", str(tmp_path), "--until", "gptq")
+    assert bad.exit_code != 0 and "no stage of that name" in bad.output and "base, cast, fp16" in bad.output
+
+
 def test_changed_config_redoes_that_stage_and_its_dependants_only(tmp_path):
     body = SMOKE + "  - cast: {dtype: float32, name: back}\n"
     p = write_pipeline(tmp_path, body)

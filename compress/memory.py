@@ -569,7 +569,7 @@ def _eval_terms(state: ModelState, cfg: dict, kind: str = "cpu", reference: Mode
     seq = int(_get(cfg, "seq_len", 512))
     batch = int(_get(cfg, "batch_size", 4))
     max_tokens = _get(cfg, "max_tokens", None)
-    if max_tokens and not _get(cfg, "stride", None) and not _get(cfg, "agreement", None):
+    if max_tokens and not _get(cfg, "stride", None):
         batch = max(1, min(batch, int(max_tokens) // seq))  # at most max_tokens // seq_len windows per source
     n = batch * seq * shape.vocab
     upcast = {}

@@ -5,9 +5,9 @@
 reads `<run>/NN-name/manifest.json` (manifest.py's schema; a folder without one is an unfinished stage and
 is skipped), and gives per stage: format, parameters, disk size, bits per weight, measured (and predicted)
 peak memory, perplexity per eval set with its change against that run's 00-base, encoder agreement with the
-base (Spearman) per eval set, eval and decode tokens/s, stage seconds. Perplexities are compared only when their eval protocols (dataset fingerprint, split,
-seq_len, tokens...) are equal, as the manifest records them (evaluate.same_protocol: the model's dtype and
-device may differ); otherwise the change is left blank.
+base (Spearman) per eval set, eval and decode tokens/s, stage seconds. Perplexities are compared only when
+their eval protocols (dataset fingerprint, split, seq_len, tokens...) are equal, as the manifest records
+them (evaluate.same_protocol: the model's dtype and device may differ); otherwise the change is left blank.
 `pareto_plot` draws disk size (or weights memory) against the first eval set's perplexity, one point per
 stage, a marker per run, and the frontier of stages no other stage beats on both axes.
 

@@ -229,9 +229,8 @@ def render(results: dict) -> str:
             rows.append(("student, distilled: KL at T=1 alone (`kd_t1`)", s["kd_t1"]["ppl"]))
         for label, vals in rows:
             lines.append(f"| {label} | " + " | ".join(str(vals[x]) for x in SOURCES) + " |")
-        passed = s["passed"] if isinstance(s["passed"], dict) else {"distill": s["passed"]}
         lines += [""] + [f"`{a}` beats LM-only on every source: **{'yes' if ok else 'NO'}** "
-                         f"({s[a]['stage_seconds']} s)." for a, ok in passed.items()] + [""]
+                         f"({s[a]['stage_seconds']} s)." for a, ok in s["passed"].items()] + [""]
     return "\n".join(lines) + "\n"
 
 

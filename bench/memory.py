@@ -10,8 +10,8 @@ its output (eval_predicted_peak_bytes / eval_measured_peak_bytes). This script r
 compares the pairs with compress.memory.compare (25%, or within the 16 MiB noise floor of one CPU RSS
 measurement: the tiny model's stages live below it).
 
-By default each stage runs in a fresh process (`compress run` of the pipeline cut after that stage: the
-stages before it are finished, so they are skipped), which is what the planner predicts: the stage's own
+By default each stage runs in a fresh process (`compress run --until` that stage: the stages before it are
+finished, so they are skipped), which is what the planner predicts: the stage's own
 memory. `--one-process` runs the whole pipeline in one process instead; on CPU, RSS then also holds what
 glibc's heap kept from earlier stages (measured in bench/results/memory-one-process.md).
 
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from compress import memory, pipeline  # noqa: E402
+from compress.errors import CompressError  # noqa: E402
 
 TINY = REPO / "configs" / "models" / "tiny-llama.json"
 
@@ -178,24 +179,20 @@ def warm_token_cache(pipe) -> None:
         try:
             data.check_spec(spec)
             data.load_documents(spec)
-        except Exception:  # a zoo model id, not a text source
+        except CompressError:  # a zoo model id, not a text source
             continue
         for split in ("train", "validation", "test"):
             data.token_ids(tok, spec, split)
 
 
 def run_stage_by_stage(path: Path, work: Path) -> None:
-    """Run the pipeline at `path` cut after its 1st, 2nd, ... stage, each cut in a new Python process."""
-    import yaml
-
-    raw = yaml.safe_load(path.read_text())
-    for k in range(1, len(raw["stages"]) + 1):
-        cut = path.with_name(f"{path.stem}.first{k}.yaml")
-        cut.write_text(yaml.safe_dump({**raw, "stages": raw["stages"][:k]}, sort_keys=False))
-        code = ("import sys; from compress import pipeline; "
-                f"pipeline.run(pipeline.load({str(cut)!r}), out_root={str(work)!r}, log=print, quiet=True)")
+    """Run the pipeline at `path` once per stage, each time in a new Python process: `until` that stage, so the
+    stages before it are finished and skipped (compress run --until)."""
+    for spec in pipeline.load(path).stages:
+        code = ("from compress import pipeline; "
+                f"pipeline.run(pipeline.load({str(path)!r}), out_root={str(work)!r}, log=print, quiet=True, "
+                f"until={spec.name!r})")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,12 @@
 """Benchmark: compress gptq / rtn against GPTQModel and llm-compressor on SmolLM2-135M, one protocol for all.
 
-Every method gets the same calibration (32 x 512 tokens from the Austen train split, seed 0, through
-compress.data.calibration_blocks) and the same evaluation (compress.evaluate.perplexity in float32 on CPU, test
-splits of zoo:austen and zoo:shakespeare, 512-token windows, 20480 tokens per source). Recorded per method:
-quantization wall time (model loading excluded), peak RSS during quantization (process and children, sampled every
-50 ms) and over the whole child process, checkpoint size on disk, perplexities.
+Every method gets the same calibration (32 x 512 tokens from the Austen train split, seed 0 unless --seed,
+through compress.data.calibration_blocks) and the same evaluation (compress.evaluate.perplexity in float32 on
+CPU, test splits of zoo:austen and zoo:shakespeare, 512-token windows, 20480 tokens per source). Recorded per
+method: quantization wall time (model loading excluded), peak RSS during quantization (process and children,
+sampled every 50 ms) and over the whole child process, checkpoint size on disk, perplexities. Ours runs with
+the memory settings `compress run` uses on a CPU (compress.memory.fixed_mmap_threshold, recorded as
+`mmap_threshold`; COMPRESS_MMAP_THRESHOLD=0 measures glibc's default instead).
 
 GPTQ v1 checkpoints (ours and GPTQModel's) are evaluated through compress.checkpoint.load (our QuantLinear); the
 GPTQModel children also reload with GPTQModel's own `gptq_torch` kernel and record how far its logits are from ours
@@ -14,6 +16,7 @@ GPTQModel children also reload with GPTQModel's own `gptq_torch` kernel and reco
     python bench/gptq_vs_peers.py setup                      # venvs for the peers (pins conflict with ours)
     python bench/gptq_vs_peers.py run                        # every method, ~1 h on 2 free cores
     python bench/gptq_vs_peers.py run --only ours-gptq-g128 --no-eval   # time one method
+    python bench/gptq_vs_peers.py run --only ours-gptq-g128 gptqmodel-g128 --seed 1   # another calibration draw
 Results merge into bench/results/gptq_vs_peers.json and are rendered to gptq_vs_peers.md.
 
 Peers run in their own virtual environments (--system-site-packages, torch pinned to the installed CPU build so
@@ -24,6 +27,7 @@ llm-compressor 0.14. Each method runs in a child process so peak memory is its o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -70,6 +74,8 @@ def main() -> None:
     run.add_argument("--seq-len", type=int, default=512)
     run.add_argument("--max-tokens", type=int, default=20480)
     run.add_argument("--no-eval", action="store_true", help="quantize and save only (timing runs)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="calibration draw; results of seed N != 0 are kept as METHOD@seedN (the spread study)")
     run.add_argument("--out", type=Path, default=RESULTS)
     run.add_argument("--timeout", type=int, default=3600, help="seconds per method")
     child = sub.add_parser("child", help=argparse.SUPPRESS)
@@ -80,6 +86,7 @@ def main() -> None:
     child.add_argument("--seq-len", type=int, default=512)
     child.add_argument("--max-tokens", type=int, default=20480)
     child.add_argument("--no-eval", action="store_true")
+    child.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.cmd == "setup":
         setup()
@@ -118,16 +125,18 @@ def run_all(args) -> None:
     work = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress")) / "bench-gptq"
     for name in args.only or list(METHODS):
         kind = METHODS[name]["kind"]
-        out = work / f"{name}.json"
+        key = name if args.seed == 0 else f"{name}@seed{args.seed}"
+        out = work / f"{key}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
-        cmd = [python_for(kind), __file__, "child", name, "--result", str(out), "--work", str(work / name),
+        cmd = [python_for(kind), __file__, "child", name, "--result", str(out), "--work", str(work / key),
+               "--seed", str(args.seed),
                "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--max-tokens", str(args.max_tokens)]
         if args.no_eval:
             cmd.append("--no-eval")
         env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
-        print(f"== {name}", flush=True)
+        print(f"== {key}", flush=True)
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, timeout=args.timeout, cwd=work)  # GPTQModel logs into cwd/logs
@@ -139,10 +148,11 @@ def run_all(args) -> None:
         if rc != 0:
             res.setdefault("error", f"child exited with {rc}")
         res["child_seconds"] = round(time.perf_counter() - t0, 1)
-        res["protocol"] = {"calibration": CALIBRATION, "nsamples": args.nsamples, "seq_len": args.seq_len, "seed": 0,
+        res["protocol"] = {"calibration": CALIBRATION, "nsamples": args.nsamples, "seq_len": args.seq_len,
+                           "seed": args.seed,
                            "eval_sources": SOURCES, "eval_seq_len": 512, "eval_max_tokens": args.max_tokens,
                            "eval_dtype": "float32", "cores": os.cpu_count()}
-        results["methods"][name] = res
+        results["methods"][key] = res
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({k: v for k, v in res.items() if k not in ("config",)}), flush=True)
     (args.out / "gptq_vs_peers.md").write_text(render(results))
@@ -166,7 +176,31 @@ def render(results: dict) -> str:
     head = ("# GPTQ vs peers on SmolLM2-135M (CPU)\n\nGenerated by `python bench/gptq_vs_peers.py run`; protocol and "
             "raw numbers in gptq_vs_peers.json. Perplexity: float32 eval of each saved checkpoint, identical "
             "windows for every method.\n\n")
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + _seed_spread(results["methods"])
+
+
+def _seed_spread(methods: dict) -> str:
+    """Per method run with several calibration draws: each draw's perplexities, and the spread."""
+    draws: dict[str, dict[int, dict]] = {}
+    for key, r in methods.items():
+        if r.get("status") == "ok" and r.get("perplexity"):
+            name, _, seed = key.partition("@seed")
+            draws.setdefault(name, {})[int(seed or 0)] = r["perplexity"]
+    draws = {n: d for n, d in draws.items() if len(d) > 1}
+    if not draws:
+        return ""
+    rows = ["", "## Calibration draws", "",
+            "The same method with other calibration samples (`--seed N`: another 32 x 512 draw from the Austen "
+            "train split); the spread says how much of a gap between methods one draw can show by chance.", "",
+            "| method | seeds | " + " | ".join(f"ppl {s} per seed" for s in SOURCES) + " | "
+            + " | ".join(f"mean {s}" for s in SOURCES) + " |",
+            "|---|---|" + "---|" * (2 * len(SOURCES))]
+    for name, d in draws.items():
+        seeds = sorted(d)
+        per = [" / ".join(f"{d[k][s]:.3f}" for k in seeds) for s in SOURCES]
+        mean = [f"{sum(d[k][s] for k in seeds) / len(seeds):.3f}" for s in SOURCES]
+        rows.append(f"| {name} | {', '.join(map(str, seeds))} | " + " | ".join(per) + " | " + " | ".join(mean) + " |")
+    return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- child
@@ -235,7 +269,7 @@ def run_child(args) -> None:
 
         folder = zoo.model_path(MODEL)
         tok = AutoTokenizer.from_pretrained(folder)
-        tokens = data.calibration_blocks(tok, CALIBRATION, args.nsamples, args.seq_len, seed=0)
+        tokens = data.calibration_blocks(tok, CALIBRATION, args.nsamples, args.seq_len, seed=args.seed)
         args.work.mkdir(parents=True, exist_ok=True)
         out = args.work / "checkpoint"
         kind = spec["kind"]
@@ -273,6 +307,11 @@ def quantize_ours(spec, folder, tok, tokens, out, res) -> None:
     from compress.context import Context
     from compress.stages import gptq
 
+    from compress import memory
+
+    # as `compress run` on a CPU: a fixed mmap threshold (RSS follows live tensors; COMPRESS_MMAP_THRESHOLD=0
+    # keeps glibc's default), tightened further while RTN runs (compress.stages.gptq.run)
+    res["mmap_threshold"] = memory.fixed_mmap_threshold()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     res["load_seconds"] = round(time.perf_counter() - t0, 2)
@@ -282,7 +321,8 @@ def quantize_ours(spec, folder, tok, tokens, out, res) -> None:
     ctx = Context(device=torch.device("cpu"), seed=0, quiet=True, log=lambda m: None)
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        stats = gptq.quantize_model(model, cfg, ctx, tokens if cfg.method == "gptq" else None)
+        with memory.mmap_threshold() if cfg.method == "rtn" else contextlib.nullcontext():
+            stats = gptq.quantize_model(model, cfg, ctx, tokens if cfg.method == "gptq" else None)
         res["quant_seconds"] = round(time.perf_counter() - t0, 2)
     res["peak_rss_quant"], res["cpu_seconds_quant"], res["load_avg_end"] = peak.peak, peak.cpu_seconds, peak.load
     res["bits_per_weight"] = stats["bits_per_weight"]

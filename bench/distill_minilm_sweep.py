@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill as bench  # noqa: E402  (bench/distill.py: model loading, context, sources)
 
 TOKENS = 200_000
+MIN_TOKENS = (0, 10, 16)  # by_length: pairs whose shorter sentence has at least this many tokens
 BASE = dict(layers=3, init="alternate", tokens=TOKENS, batch_size=32, seq_len=128, lr=1e-3, save_every=0,
             eval_tokens=4096, alpha_cos=1.0, alpha_pool=1.0, alpha_sim=10.0, alpha_mse=0.0, hidden_layers="mapped")
 RECIPES = {  # name -> (what changes against BASE, the overrides)
@@ -70,7 +71,7 @@ def run(name: str, teacher, tok) -> dict:
             "env": bench._env(torch.get_num_threads())}
 
 
-def by_length(student, teacher, tok, source: str, min_tokens=(0, 10, 16)) -> dict:
+def by_length(student, teacher, tok, source: str) -> dict:
     """Spearman over the agreement pairs whose shorter sentence has >= k tokens: {k: [pairs, rho]}.
 
     The same 256 pairs as compress.evaluate.agreement (consecutive test sentences, masked-mean pooling)."""
@@ -87,7 +88,7 @@ def by_length(student, teacher, tok, source: str, min_tokens=(0, 10, 16)) -> dic
     n = [len(tok(t, truncation=True, max_length=128)["input_ids"]) for t in sents]
     shorter = [min(a, b) for a, b in zip(n[0::2], n[1::2])]
     out = {}
-    for k in min_tokens:
+    for k in MIN_TOKENS:
         keep = [i for i, v in enumerate(shorter) if v >= k]
         if len(keep) >= 2:
             out[k] = [len(keep), round(evaluate.spearman(cos["student"][keep], cos["teacher"][keep]), 4)]
@@ -109,12 +110,12 @@ def render(results: dict) -> str:
     long = {n: r["spearman_by_length"] for n, r in results["runs"].items() if r.get("spearman_by_length")}
     if long:
         rows += ["", "By sentence length (Spearman over the pairs whose shorter sentence has at least k tokens; "
-                 "pairs in brackets):", "", "| recipe | source | " + " | ".join(
-                     f"k = {k}" for k in next(iter(next(iter(long.values())).values()))) + " |",
-                 "|---|---|" + "---|" * len(next(iter(next(iter(long.values())).values())))]
+                 "pairs in brackets):", "", "| recipe | source | " + " | ".join(f"k = {k}" for k in MIN_TOKENS) + " |",
+                 "|---|---|" + "---|" * len(MIN_TOKENS)]
         for n, per in long.items():
-            for src, d in per.items():
-                rows.append(f"| {n} | {src} | " + " | ".join(f"{rho:.4f} ({k})" for k, rho in d.values()) + " |")
+            for src, d in per.items():  # json keys are strings
+                cells = [f"{d[str(k)][1]:.4f} ({d[str(k)][0]})" if str(k) in d else "" for k in MIN_TOKENS]
+                rows.append(f"| {n} | {src} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -27,7 +27,6 @@ llm-compressor 0.14. Each method runs in a child process so peak memory is its o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -303,14 +302,12 @@ def quantize_ours(spec, folder, tok, tokens, out, res) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compress import checkpoint
+    from compress import checkpoint, memory
     from compress.context import Context
     from compress.stages import gptq
 
-    from compress import memory
-
     # as `compress run` on a CPU: a fixed mmap threshold (RSS follows live tensors; COMPRESS_MMAP_THRESHOLD=0
-    # keeps glibc's default), tightened further while RTN runs (compress.stages.gptq.run)
+    # keeps glibc's default); quantize_model tightens it further for RTN
     res["mmap_threshold"] = memory.fixed_mmap_threshold()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -321,8 +318,7 @@ def quantize_ours(spec, folder, tok, tokens, out, res) -> None:
     ctx = Context(device=torch.device("cpu"), seed=0, quiet=True, log=lambda m: None)
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        with memory.mmap_threshold() if cfg.method == "rtn" else contextlib.nullcontext():
-            stats = gptq.quantize_model(model, cfg, ctx, tokens if cfg.method == "gptq" else None)
+        stats = gptq.quantize_model(model, cfg, ctx, tokens if cfg.method == "gptq" else None)
         res["quant_seconds"] = round(time.perf_counter() - t0, 2)
     res["peak_rss_quant"], res["cpu_seconds_quant"], res["load_avg_end"] = peak.peak, peak.cpu_seconds, peak.load
     res["bits_per_weight"] = stats["bits_per_weight"]

@@ -94,11 +94,7 @@ def run(model, tokenizer, cfg: Config, ctx):
     tokens = None
     if cfg.method == "gptq":
         tokens, calib_stats = calibration_tokens(tokenizer, cfg, ctx)
-    if cfg.method == "rtn":  # linear by linear, small temporaries between kept codes: keep RSS to live bytes
-        with memory.mmap_threshold():
-            stats = quantize_model(model, cfg, ctx, tokens)
-    else:
-        stats = quantize_model(model, cfg, ctx, tokens)
+    stats = quantize_model(model, cfg, ctx, tokens)
     if calib_stats is not None:
         stats["calibration"] = calib_stats
     stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -129,6 +125,14 @@ def calibration_fingerprint(tokens: torch.Tensor, source: str | None, seed: int 
 
 def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | None = None) -> dict:
     """Replace the linears of every decoder block by QuantLinear (GPTQ with `tokens` [n, T], or RTN); return stats."""
+    if cfg.method == "rtn":  # linear by linear, small temporaries between kept codes: keep RSS to live bytes
+        with memory.mmap_threshold():
+            return _quantize_blocks(model, cfg, ctx, None)
+    return _quantize_blocks(model, cfg, ctx, tokens)
+
+
+def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | None) -> dict:
+    """quantize_model's work, block by block."""
     if cfg.method == "gptq" and tokens is None:
         raise CompressError("gptq: method gptq needs calibration tokens")
     if getattr(getattr(model, "config", None), "quantization_config", None):

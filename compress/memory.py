@@ -33,12 +33,14 @@ V = vocab, L = layers, a = bytes of the activation dtype, P = parameters):
               off): logits a + logits[:, :-1].float() 4 (a copy when a < 4 or B > 1) + log-softmax 4.
   KV cache    B*T*L*2*kvd*a: the decode-speed generate, the int8 outlier pass (HF default use_cache).
   GPTQ        compress/stages/gptq.py, one decoder block at a time in fp32: the block's inputs and outputs for
-              all n*S calibration tokens 2*n*S*h*4, true-sequential replay of recorded sub-module outputs
-              n*S*4*max(2h + 2kvd, h + 2I), one forward of batch_size sequences, the solver of the largest
-              linear group (stacked W [R, C]: ~8 R*C*4 for W, its clone, W^T, Q^T, codes^T and error terms;
-              H and its copies and Cholesky inverse ~5 C^2*4), the block's results (Q fp32 + codes: 5 bytes per
-              weight), an fp32 copy of the block when the model is 16-bit; the packed output (qweight/qzeros/
-              scales/g_idx) accumulates; at the end everything unquantized is cast to `dtype` (fp16 default).
+              all n*S calibration tokens 2*n*S*h*4, the true-sequential passes' kept inputs of o_proj and
+              down_proj (self_attn and mlp replay as one matmul on them) n*S*4*(h + I), one forward of
+              batch_size sequences or the solver of the largest linear group, the larger (stacked W [R, C]:
+              ~8 R*C*4 for W, its clone, W^T, Q^T, codes^T and error terms; H and its copies and Cholesky
+              inverse ~5 C^2*4), the block's results (Q fp32 + codes: 5 bytes per weight), an fp32 copy of the
+              block when the model is 16-bit; the packed output (qweight/qzeros/scales/g_idx) accumulates; at
+              the end everything unquantized is cast to `dtype` (fp16 default). On CPU the memory-mapped input's
+              replaced weights are paged out block by block (page_out_mapped), so the first block is the peak.
   int8        compress/stages/int8.py: int8 weights + fp32 row scales of every linear, an fp16 copy of the
               largest one, the rest cast to `dtype`, then `calibration_samples` outlier forward passes.
   cast        a full copy of every floating parameter in the target dtype (the input stays resident).
@@ -54,7 +56,8 @@ already loaded: on CPU, the peak RSS (VmHWM, reset through /proc/self/clear_refs
 before the stage; on CUDA, torch.cuda.max_memory_allocated() after a reset, with the input on the GPU.
 So `growth_bytes` is the extra memory on top of the resident input model, assuming the input stays
 resident for the whole stage (true when it was loaded from safetensors, which memory-maps it: a tensor
-replaced by the stage does not free its pages until the whole file is unmapped). `allocated_bytes`
+replaced by the stage does not free its pages until the whole file is unmapped, unless the stage pages them
+out, as GPTQ and RTN do). `allocated_bytes`
 (= on-device input + growth) is what CUDA max_allocated reports; `peak_bytes` adds the fixed overhead
 of the process (a torch + transformers CPU process; or the CUDA context) and is what must fit on the
 device. `PeakMemory` below measures exactly this definition.
@@ -669,7 +672,9 @@ def _linear_groups(shape: ModelShape) -> list[list[tuple]]:
 def _gptq(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     """compress/stages/gptq.py: calibration hidden states in fp32, one block at a time in fp32, true-sequential
     passes that replay recorded sub-module outputs, one GPTQ solver per linear group; everything not quantized
-    ends in `dtype` (float16 by default)."""
+    ends in `dtype` (float16 by default). On CPU the input is memory-mapped (a stage's input is loaded from its
+    safetensors checkpoint) and each finished block's replaced weights are paged out (page_out_mapped), so the
+    input's resident bytes fall block by block: the peak is then the first block's, not the last one's."""
     shape = state.shape
     bits, g = int(_get(cfg, "bits", 4)), int(_get(cfg, "group_size", 128))
     n, seq, batch = int(_get(cfg, "nsamples", 128)), int(_get(cfg, "seq_len", 512)), int(_get(cfg, "batch_size", 8))
@@ -677,56 +682,68 @@ def _gptq(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     skip = tuple(_get(cfg, "skip", ["lm_head"]))
     out = dataclasses.replace(state, format="gptq", bits=bits, group_size=g, dtype=out_dtype, skip=skip)
     lin = out.quantized_linears()
-    h, kvd, inter = shape.hidden, shape.kvd, shape.intermediate
+    h = shape.hidden
     groups = _linear_groups(shape)
-    terms, notes = {}, []
     results = sum(i * o for _, i, o in lin) * 5                     # one block's Q (fp32) + codes (int8)
     packed = gptq_linear_bytes(lin, shape.layers, bits, g)          # accumulates: all of it by the last block
     cast = out.float_numel() * DTYPE_BYTES[out_dtype] if out_dtype != state.dtype else 0  # at the very end
     block_copy = shape.layer_params * 4 if state.dtype != "float32" else 0  # the block computed in fp32
+    # replaced weights of every block but the last, paged out by the last block (CPU: memory-mapped input)
+    per_block = sum(i * o for _, i, o in lin) * DTYPE_BYTES.get(state.dtype, 4) if where.kind == "cpu" else 0
+    released = -per_block * (shape.layers - 1)
+    first_packed = packed // max(shape.layers, 1)
     if str(_get(cfg, "method", "gptq")).lower() == "rtn":
-        terms["RTN transients (largest linear)"] = max(i * o for _, i, o in lin) * 4 * 4   # W fp32, codes, Q, error
-        terms["block results (Q fp32 + codes)"] = results
-        terms["packed output"] = packed
+        work = {"RTN transients (largest linear)": max(i * o for _, i, o in lin) * 4 * 4,  # W fp32, codes, Q, error
+                "block results (Q fp32 + codes)": results}
         if block_copy:
-            terms["fp32 copy of one block"] = block_copy
-        if cast:
-            terms[f"unquantized weights in {out_dtype}"] = cast
-        return _Parts(terms, state.weights_bytes(), out)
-    # GPTQ. Phases, each with what is alive in it (the input model stays resident throughout):
+            work["fp32 copy of one block"] = block_copy
+        phases = {"first block": {**work, "packed output (one block)": first_packed},
+                  "last block": {**work, "packed output": packed, "input blocks paged out": released},
+                  "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
+                          "input blocks paged out": released - per_block}}
+        return _phased(phases, state, out)
+    # GPTQ. Phases, each with what is alive in it (the input model stays resident, less what is paged out):
     #   start: the calibration text is read and tokenized, block 0's inputs captured;
-    #   last block: block inputs + outputs, the replayed sub-module outputs of the block, the solver of its
-    #     largest group (or, without replay, a full block forward), its results, and the packed output so far
-    #     (by then nearly all of it);
+    #   first / last block: block inputs + outputs, the replayed sub-module outputs of the block, the solver of
+    #     its largest group (or, without replay, a full block forward), its results, the packed output so far;
     #   end: the packed output, everything unquantized cast to `dtype`.
     tokens = n * seq
     spec = _get(cfg, "calibration", None) or where.data.get("calibration")
     io = 2 * tokens * h * 4
     replay = 0
     if len(groups) == 4 and _get(cfg, "true_sequential", True):
-        # recorded outputs, fp32: q,k,v + attention output (pass of gate/up), attention + gate,up (pass of down)
+        # what the passes keep, fp32: the inputs of o and down, whose modules (self_attn, mlp) return their output
+        # unchanged, so they replay as one matmul (_Tail); the stage checks the free memory for the recorded
+        # outputs the general scheme would keep (q,k,v + attention, then gate,up)
         need = sum(o for grp in groups[:-1] for _, _, o in grp) * tokens * 4
         if where.device_bytes is None or need <= where.device_bytes // 4:
-            replay = tokens * 4 * max(2 * h + 2 * kvd, h + 2 * inter)
+            replay = tokens * 4 * (groups[1][0][1] + groups[3][0][1])
     # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, error terms ~ 8 R*C; H, its
     # scaled and raw copies, Cholesky inverse ~ 5 C^2 (compress/algorithms/gptq.py)
     solver = max((8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups)
     forward = inference_layer_bytes(shape, 4, batch, seq)
     main = {"block inputs + outputs (fp32)": io}
     if replay:
-        main["replayed sub-module outputs (fp32)"] = replay
-        main["GPTQ solver (largest group)"] = solver
+        main["replayed sub-module inputs (fp32)"] = replay
+        main["GPTQ solver or batch forward (fp32), the larger"] = max(solver, forward)
     else:
         main["GPTQ solver or block forward (fp32), the larger"] = max(solver, forward)
-    main.update({"block results (Q fp32 + codes)": results, "packed output": packed})
+    main["block results (Q fp32 + codes)"] = results
     if block_copy:
         main["fp32 copy of one block"] = block_copy
     phases = {
         "start": {"calibration text": data_bytes(shape, [(spec, "train")]) if spec else 0,
                   "calibration tokens": tokens * 8, "block 0 inputs (fp32)": tokens * h * 4},
-        "last block": main,
-        "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast},
+        "first block": {**main, "packed output (one block)": first_packed},
+        "last block": {**main, "packed output": packed, "input blocks paged out": released},
+        "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
+                "input blocks paged out": released - per_block},
     }
+    return _phased(phases, state, out)
+
+
+def _phased(phases: dict, state: ModelState, out: ModelState) -> _Parts:
+    """The peak phase's terms as the stage's growth, with a note on the others."""
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     terms = {k: v for k, v in phases[peak].items() if v}
     notes = [f"peak in the {peak} phase; " + ", ".join(f"{k} phase {fmt_bytes(sum(v.values()))}"
@@ -1167,6 +1184,62 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
+MADV_PAGEOUT = 21  # Linux >= 5.4 (<linux/mman.h>); Python's mmap module does not export it before 3.12
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings, from /proc/self/maps ([] elsewhere)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                # address perms offset dev inode [path]: inode 0 is anonymous memory (heap, stacks, malloc's mmaps)
+                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    start, end = parts[0].split("-")
+                    spans.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return spans
+
+
+def page_out_mapped(tensors) -> int:
+    """Ask the kernel to reclaim the resident pages of CPU tensors that are views of a memory-mapped file
+    (madvise MADV_PAGEOUT); return the bytes advised (0 where this is not Linux or nothing was mapped).
+
+    Why: transformers loads a safetensors checkpoint as views of one private mapping of the file, and the
+    mapping lives as long as any of its tensors does. A stage that replaces the model part by part (GPTQ/RTN
+    block by block) drops its references to the old weights, but their pages, once read, stay resident and
+    counted in RSS until the whole file is unmapped: 14 MiB per SmolLM2 block, 400 MiB by the last one.
+    MADV_PAGEOUT never changes what the memory holds: clean pages are dropped and read again from the file
+    if anyone touches them; pages a write made private (copy-on-write) are kept (no swap here) or swapped.
+    So calling this on a tensor that is still in use costs a re-read, never correctness. Only the page-aligned
+    interior of each tensor is advised, so a neighbouring tensor's pages are never touched."""
+    if sys.platform != "linux":
+        return 0
+    spans = _file_mappings()
+    libc = _libc()
+    if not spans or libc is None or not hasattr(libc, "madvise"):
+        return 0
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    advised = 0
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or not t.numel() or not t.is_contiguous():
+            continue  # a non-contiguous view's bytes are not one span of its own
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        start, end = -(-start // page) * page, end // page * page
+        for lo, hi in spans:
+            a, b = max(start, lo), min(end, hi)
+            if b > a:
+                if madvise(a, b - a, MADV_PAGEOUT) != 0:
+                    return advised  # EINVAL: a kernel older than 5.4; nothing else to do
+                advised += b - a
+    return advised
+
+
 MMAP_THRESHOLD_ENV = "COMPRESS_MMAP_THRESHOLD"
 DEFAULT_MMAP_THRESHOLD = 4 * MiB     # a whole CPU run (compress.pipeline.run, compress eval)
 TIGHT_MMAP_THRESHOLD = 128 * KiB     # while a stage quantizes linear by linear (int8, rtn) or runs int8 kernels
@@ -1179,7 +1252,8 @@ def fixed_mmap_threshold(nbytes: int | None = None) -> int:
 
     Why: by default glibc serves freed activations of up to 32 MiB from its heap afterwards, and a heap only
     shrinks from its top, so RSS keeps the transients that sat below live tensors. Measured on SmolLM2-135M
-    (1 thread; peak RSS growth, CPU user+sys seconds): GPTQ (32 x 512 calibration tokens) 1.02 GiB / 148 s
+    (1 thread; peak RSS growth, CPU user+sys seconds; GPTQ before its block page-out and tail replay):
+    GPTQ (32 x 512 calibration tokens) 1.02 GiB / 148 s
     with glibc's default, 554 MiB / 168 s at 4 MiB, 449 MiB / 202 s at 128 KiB, for 442 MiB of live tensors
     (the planner's count); evaluating the int8 model 1.33 GiB / 45 s at 4 MiB, 1006 MiB / 59 s at 128 KiB
     (planner 1010 MiB); the int8 stage 635 MiB / 14 s at 4 MiB, 187 MiB / 25 s at 128 KiB. So a run uses

@@ -42,6 +42,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if (bool(Conv1D) and isinstance(module, Conv1D)) else module.weight
 
 
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Make `weight` [out_features, in_features] the module's weight tensor (no copy; Conv1D gets its transpose)."""
+    module.weight.data = weight.t() if (bool(Conv1D) and isinstance(module, Conv1D)) else weight
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear or Conv1D."""
     out_features, in_features = linear_weight(module).shape
@@ -186,20 +191,28 @@ def call_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
 
 
 @torch.no_grad()
-def trace_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> tuple[list[list[str]], dict[str, int]]:
-    """One traced forward of a block: (true-sequential groups, linears executed by the end of each submodule).
+def trace_block(
+    block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
+) -> tuple[list[list[str]], dict[str, int], dict[str, tuple[str, int, int]]]:
+    """One traced forward of a block: (true-sequential groups, linears executed by the end of each submodule, tails).
 
     Groups: linears that read the very same input tensor (q/k/v; gate/up) form one group; groups follow execution
     order, so group g's inputs depend only on groups < g. Llama: [[q,k,v],[o],[gate,up],[down]].
     Spans: submodule name -> how many linears had run when it returned (submodules called more than once are left
     out). A submodule whose span only covers final linears computes a final output: it can be replayed.
+    Tails: submodule name -> (linear, position, length) where the submodule returns, unchanged, the output of the
+    last linear it ran: the very tensor, not modified in place since (position -1), or a tuple of `length` holding
+    it at that position and None elsewhere. Llama: self_attn -> (o_proj, 0, 2), mlp -> (down_proj, -1, 0). Such a
+    submodule's output is that linear applied to its recorded input, so it never has to run again.
     """
     lin = linears(block)
     lin_ids = {id(m): n for n, m in lin.items()}
     order: list[tuple[str, int]] = []  # (linear name, id of its input tensor), in call order
-    keep: list[torch.Tensor] = []  # hold the inputs so their ids stay unique during the trace
+    keep: list[torch.Tensor] = []  # hold the inputs and outputs so their ids stay unique during the trace
     spans: dict[str, int] = {}
     calls: dict[str, int] = {}
+    outputs: dict[str, tuple[int, int]] = {}  # linear -> (id, version) of its output when it returned
+    tails: dict[str, tuple[str, int, int]] = {}
 
     def pre(module, args):
         if id(module) in lin_ids:
@@ -207,10 +220,31 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dic
             order.append((lin_ids[id(module)], id(x)))
             keep.append(x)
 
+    def tail_of(out, last: str) -> int | None:
+        if last not in outputs:
+            return None
+        def same(t):
+            return isinstance(t, torch.Tensor) and (id(t), t._version) == outputs[last]
+        if same(out):
+            return -1
+        if isinstance(out, tuple):
+            hits = [k for k, o in enumerate(out) if same(o)]
+            if len(hits) == 1 and all(o is None for k, o in enumerate(out) if k != hits[0]):
+                return hits[0]
+        return None
+
     def post(name):
         def hook(module, args, out):
             calls[name] = calls.get(name, 0) + 1
             spans[name] = len(order)
+            if id(module) in lin_ids:
+                if isinstance(out, torch.Tensor):
+                    outputs[name] = (id(out), out._version)
+                    keep.append(out)
+            elif order:
+                pos = tail_of(out, order[-1][0])
+                if pos is not None:
+                    tails[name] = (order[-1][0], pos, len(out) if pos >= 0 else 0)
         return hook
 
     handles = []
@@ -238,7 +272,8 @@ def trace_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dic
     missing = [n for n in lin if n not in seen]
     if missing:
         raise CompressError(f"linears {missing} in the block were not called during calibration; cannot quantize them")
-    return groups, {n: k for n, k in spans.items() if calls[n] == 1}
+    once = {n: k for n, k in spans.items() if calls[n] == 1}
+    return groups, once, {n: t for n, t in tails.items() if n in once and t[0].startswith(n + ".")}
 
 
 def sequential_groups(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> list[list[str]]:

@@ -181,6 +181,55 @@ def test_sequential_groups_llama(tiny_llama):
     ]
 
 
+def test_block_tails_llama(tiny_llama):
+    """self_attn returns o_proj's output (in a tuple), mlp returns down_proj's: both replay as one matmul."""
+    from compress.modeling import capture_layer_inputs, trace_block
+
+    model, _ = tiny_llama
+    (h, r, kw), = capture_layer_inputs(model, [torch.randint(0, 256, (2, 16))], torch.device("cpu"))
+    tails = trace_block(decoder_layers(model)[0], h, r, kw)[2]
+    assert tails["self_attn"][:2] == ("self_attn.o_proj", 0) and tails["mlp"] == ("mlp.down_proj", -1, 0)
+
+
+def test_tail_refused_when_output_changed_after_linear():
+    """A submodule that modifies its last linear's output in place (or returns something else) is no tail."""
+    from compress.modeling import trace_block
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.out(self.proj(x))
+            return y.mul_(2)  # same tensor, changed after the linear
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Scaled(), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    groups, spans, tails = trace_block(Block(), torch.randn(2, 8), (), {})
+    assert groups == [["a.proj"], ["a.out"], ["b.0"]] and tails == {}  # b ends in ReLU, a in an in-place mul
+
+
+def test_hessian_strips_equal_full_matmul():
+    """On CPU only H's upper triangle is accumulated, in strips; the mirrored result is X^T X."""
+    torch.manual_seed(0)
+    for cols in (100, 300, 1100):  # one full matmul; strips of 128 with a partial last one; strips of 256
+        g = GPTQ(torch.randn(4, cols))
+        xs = [torch.randn(3, 50, cols) for _ in range(2)]
+        for x in xs:
+            g.add_batch(x)
+        X = torch.cat([x.reshape(-1, cols) for x in xs]).double()
+        H = g.hessian()
+        assert torch.equal(H, H.t()) and g.nsamples == 300
+        torch.testing.assert_close(H.double(), X.t() @ X, rtol=1e-5, atol=1e-3)
+
+
 def _calib(n=8, t=32, seed=0):
     return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
 
@@ -248,6 +297,24 @@ def test_replay_equals_recompute(tmp_path, monkeypatch):
         states.append(model.state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_true_sequential_runs_each_linear_once_per_batch(tiny_llama, monkeypatch):
+    """The passes replay what is final and stop before the pass's own linears: one call per linear per batch
+    and block (plus the one traced batch of block 0), attention and SiLU included."""
+    import collections
+
+    model, _ = tiny_llama
+    calls = collections.Counter()
+    names = {id(m): n.split(".", 3)[-1] for n, m in model.named_modules() if ".layers." in n}
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: calls.update([names.get(id(self))]) or forward(self, x))
+    ctx = Context(device=torch.device("cpu"), seed=0, quiet=True, log=lambda m: None)
+    batches, blocks, expected = 2, len(decoder_layers(model)), set(linears(decoder_layers(model)[0]))
+    stage.quantize_model(model, stage.Config(nsamples=4 * batches, seq_len=16, group_size=32, batch_size=4), ctx,
+                         _calib(4 * batches, 16))
+    assert set(calls) - {None} == expected
+    assert all(calls[n] == blocks * batches + 1 for n in calls if n is not None), calls
 
 
 def test_replay_refuses_outputs_modified_in_place():

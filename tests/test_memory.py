@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,9 +107,17 @@ def test_gptq_cast_int8_eval_terms(tiny_shape):
     st = M.ModelState(s, "bfloat16")
     g = M.predict_stage("gptq", {"nsamples": 8, "seq_len": 32, "dtype": "float16"}, None, st)
     assert g.breakdown["block inputs + outputs (fp32)"] == 2 * 8 * 32 * 64 * 4
-    assert g.breakdown["replayed sub-module outputs (fp32)"] == 8 * 32 * 4 * (64 + 2 * 160)
-    # largest group: gate+up stacked [320, 64] (8*R*C + 5*C^2) vs down [64, 160]
-    assert g.breakdown["GPTQ solver (largest group)"] == max(8 * 320 * 64 + 5 * 64**2, 8 * 64 * 160 + 5 * 160**2) * 4
+    assert g.breakdown["replayed sub-module inputs (fp32)"] == 8 * 32 * 4 * (64 + 160)  # o_proj's and down's inputs
+    # largest group: gate+up stacked [320, 64] (8*R*C + 5*C^2) vs down [64, 160]; or one batch's forward
+    solver = max(8 * 320 * 64 + 5 * 64**2, 8 * 64 * 160 + 5 * 160**2) * 4
+    assert g.breakdown["GPTQ solver or batch forward (fp32), the larger"] == max(
+        solver, M.inference_layer_bytes(s, 4, 8, 32))
+    # on CPU the memory-mapped input's finished blocks are paged out: the first block is the peak
+    assert g.breakdown["notes"][0].startswith("peak in the first block phase;")
+    assert "packed output (one block)" in g.breakdown and "input blocks paged out" not in g.breakdown
+    cuda = M.predict_stage("gptq", {"nsamples": 8, "seq_len": 32, "dtype": "float16"}, None, st, device="8GB")
+    assert cuda.breakdown["notes"][0].startswith("peak in the last block phase;")  # a GPU frees nothing early
+    assert cuda.growth_bytes > g.growth_bytes
     # the cast of the unquantized rest happens after the last block: another phase, not added to the peak
     assert "unquantized weights in float16" not in g.breakdown and "end phase" in g.breakdown["notes"][0]
     assert g.breakdown["fp32 copy of one block"] == s.layer_params * 4  # a bf16 model's block runs in fp32
@@ -295,3 +304,20 @@ def test_mmap_threshold_setting_reads_the_environment(monkeypatch):
     monkeypatch.setenv(M.MMAP_THRESHOLD_ENV, "lots")
     with pytest.raises(CompressError, match="COMPRESS_MMAP_THRESHOLD"):
         M.fixed_mmap_threshold()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_PAGEOUT) is Linux's")
+def test_page_out_mapped_releases_pages_and_keeps_values(tmp_path):
+    """Weights loaded from safetensors are views of a file mapping: paging them out hands their pages back
+    (the GPTQ/RTN stages do it block by block) and never changes what they hold; other tensors are ignored."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _mid_model(tmp_path, layers=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    weights = [m.weight for m in loaded.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    before = [w.detach().clone() for w in weights]
+    advised = M.page_out_mapped(weights)
+    assert advised > 0.9 * sum(w.numel() * 4 for w in weights)  # all but partial pages at the ends
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # read back from the file
+    assert M.page_out_mapped([torch.ones(2**20), weights[0].t()]) == 0  # anonymous memory; a transposed view

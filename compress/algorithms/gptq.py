@@ -181,13 +181,32 @@ class GPTQ:
         self.rows, self.columns = W.shape
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=W.device)  # sum of x x^T
         self.nsamples = 0  # calibration tokens seen
+        # On CPU only the upper triangle is accumulated, in row strips (see add_batch); `hessian` mirrors it.
+        self.strip = (128 if self.columns <= 1024 else 256) if W.device.type == "cpu" else 0
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
-        """Accumulate X X^T from a batch of layer inputs inp [..., columns] (one matmul per batch)."""
+        """Accumulate X X^T from a batch of layer inputs inp [..., columns].
+
+        H is symmetric, and torch has no symmetric rank-k update (BLAS syrk), so on CPU the upper triangle is
+        accumulated in row strips H[i:i+s, i:] += X[:, i:i+s]^T X[:, i:], about half the multiply-adds of one
+        full matmul: [4096 tokens x 1536] 114 -> 68 ms, x 576 15 -> 10 ms on this project's 2-core CPU (strip
+        256 and 128, the fastest of 128..384 measured there), a third of GPTQ's time on SmolLM2-135M before.
+        One full matmul on GPUs, where a few large kernels beat many smaller ones."""
         X = inp.reshape(-1, self.columns).to(device=self.H.device, dtype=torch.float32)  # [tokens, columns]
-        self.H.addmm_(X.t(), X)
+        if self.strip and self.columns > self.strip:
+            XT = X.t()
+            for i in range(0, self.columns, self.strip):
+                self.H[i:i + self.strip, i:].addmm_(XT[i:i + self.strip], X[:, i:])
+        else:
+            self.H.addmm_(X.t(), X)
         self.nsamples += X.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """The accumulated sum of x x^T as a full symmetric matrix (a new tensor)."""
+        if self.strip and self.columns > self.strip:
+            return self.H.triu() + self.H.triu(1).t()
+        return self.H.clone()
 
     @torch.no_grad()
     def quantize(
@@ -221,7 +240,7 @@ class GPTQ:
         gs = _check(bits, group_size, cols)
         maxq = 2**bits - 1
         n_groups = math.ceil(cols / gs)
-        H = self.H * (2.0 / self.nsamples)  # H = 2 X X^T / n
+        H = self.hessian().mul_(2.0 / self.nsamples)  # H = 2 X X^T / n
         Hraw = H.clone()  # undamped, for the error
 
         dead = torch.diag(H) == 0

@@ -432,7 +432,7 @@ def _gptq_pass(
 
     Each set holds linears that read the same input: they share H and are quantized as one row-stacked matrix.
     With true_sequential a pass has one set; without it, a pass holds every set of the block (one forward, all
-    inputs from the unquantized block). The forward stops at the pass's last linear. `catch` (submodule -> _Tail):
+    inputs from the unquantized block). The forward stops at the input of the last set. `catch` (submodule -> _Tail):
     the inputs of their last linears are kept, and after quantization the tails join `replay`.
     """
     catch = catch or {}

@@ -15,9 +15,10 @@ the already quantized earlier groups, and the linears of a group share one Hessi
 matrix. Calibration text comes from the pipeline's `data.calibration` (or this stage's `calibration:`), as
 `nsamples` random windows of `seq_len` tokens from its train split, seeded by the pipeline seed.
 
-Each linear is computed once per calibration token: the passes of later groups replay what is already final
-(recorded outputs; a submodule that returns its last linear's output, as Llama's self_attn and mlp do, is that
-linear applied to the input its own pass kept, so attention runs once per block). On CPU a memory-mapped input
+With true_sequential (the default) each linear is computed once per calibration token: the passes of later
+groups replay what is already final (recorded outputs; a submodule that returns its last linear's output, as
+Llama's self_attn and mlp do, is that linear applied to the input its own pass kept, so attention runs once per
+block). On CPU a memory-mapped input
 (how every stage input is loaded) gives back each finished block's replaced weights (memory.page_out_mapped), so
 RSS holds the input less the finished blocks, plus their packed form and one block's working set.
 
@@ -270,7 +271,7 @@ class _Tail:
     Llama: self_attn = o_proj(recorded input), mlp = down_proj(recorded input); attention, rotary embeddings and
     gate/up never run again for the block, and what is kept is o_proj's and down_proj's inputs (h + I per token)
     instead of q/k/v, the attention output and gate/up outputs (2h + 2kvd, then h + 2I). Measured on SmolLM2-135M,
-    32 x 512 calibration tokens, one process: peak RSS 1.03 -> 0.87 GiB (VmHWM); with the row-strip Hessian and
+    32 x 512 calibration tokens, one process: peak RSS 1.03 -> 0.86 GiB (VmHWM); with the row-strip Hessian and
     the early stop of _gptq_pass as well, 103 -> 82 s; the same per-layer errors to the last printed digit."""
 
     def __init__(self, name: str, pos: int, length: int):

@@ -59,9 +59,9 @@ def _context(work: Path, seed: int = 0):
 
 
 def _load(name: str):
-    from compress import checkpoint
+    from compress import checkpoint, sources
 
-    return checkpoint.load(checkpoint.resolve(f"zoo:{name}"), device="cpu")
+    return checkpoint.load(sources.folder_of(f"zoo:{name}"), device="cpu")
 
 
 def _env(threads: int) -> dict:

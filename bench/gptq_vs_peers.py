@@ -5,7 +5,7 @@ through compress.data.calibration_blocks) and the same evaluation (compress.eval
 CPU, test splits of zoo:austen and zoo:shakespeare, 512-token windows, 20480 tokens per source). Recorded per
 method: quantization wall time (model loading excluded), peak RSS during quantization (process and children,
 sampled every 50 ms) and over the whole child process, checkpoint size on disk, perplexities. Ours runs with
-the memory settings `compress run` uses on a CPU (compress.memory.fixed_mmap_threshold, recorded as
+the memory settings `compress run` uses on a CPU (compress.measure.fixed_mmap_threshold, recorded as
 `mmap_threshold`; COMPRESS_MMAP_THRESHOLD=0 measures glibc's default instead).
 
 GPTQ v1 checkpoints (ours and GPTQModel's) are evaluated through compress.checkpoint.load (our QuantLinear); the
@@ -302,13 +302,13 @@ def quantize_ours(spec, folder, tok, tokens, out, res) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compress import checkpoint, memory
+    from compress import checkpoint, measure
     from compress.context import Context
     from compress.stages import gptq
 
     # as `compress run` on a CPU: a fixed mmap threshold (RSS follows live tensors; COMPRESS_MMAP_THRESHOLD=0
     # keeps glibc's default); quantize_model tightens it further for RTN
-    res["mmap_threshold"] = memory.fixed_mmap_threshold()
+    res["mmap_threshold"] = measure.fixed_mmap_threshold()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     res["load_seconds"] = round(time.perf_counter() - t0, 2)

@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from compress import checkpoint, evaluate  # noqa: E402
+from compress import checkpoint, evaluate, sources  # noqa: E402
 from compress.algorithms import int8 as core  # noqa: E402
 from compress.context import Context  # noqa: E402
 from compress.stages import int8 as stage  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    folder = checkpoint.resolve("zoo:smollm2-135m")
+    folder = sources.folder_of("zoo:smollm2-135m")
     res = {"protocol": {"model": "zoo:smollm2-135m", "sources": SOURCES, "seq_len": 512, "max_tokens": a.max_tokens,
                         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "bitsandbytes": core.require_bitsandbytes().__version__, "platform": platform.platform()},
@@ -159,7 +159,7 @@ def sensitivity(a) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    folder = checkpoint.resolve("zoo:smollm2-135m")
+    folder = sources.folder_of("zoo:smollm2-135m")
     ctx = Context(device=torch.device("cpu"), seed=0, data={}, work_dir=Path(tempfile.mkdtemp(prefix="int8-sens-")),
                   quiet=True, log=lambda m: None)
     rows = []

@@ -4,10 +4,10 @@ Issue target: |predicted - measured| / measured <= 25% for every stage of the ti
 CPU (and on CUDA when there is a GPU). Each pipeline below covers every stage type once (cast, prune, train,
 distill, gptq, rtn, int8, eval) with short budgets: a stage's peak is reached in its first steps, so a few
 steps measure it as well as a full run. Every stage's manifest records memory.predicted_peak_bytes (the
-planner, from the loaded input model) and memory.measured_peak_bytes (compress.memory.PeakMemory: peak RSS
+planner, from the loaded input model) and memory.measured_peak_bytes (compress.measure.PeakMemory: peak RSS
 growth over the resident input model on CPU, max allocated on CUDA), and the same pair for the evaluation of
 its output (eval_predicted_peak_bytes / eval_measured_peak_bytes). This script runs the pipelines and
-compares the pairs with compress.memory.compare (25%, or within the 16 MiB noise floor of one CPU RSS
+compares the pairs with compress.measure.compare (25%, or within the 16 MiB noise floor of one CPU RSS
 measurement: the tiny model's stages live below it).
 
 By default each stage runs in a fresh process (`compress run --until` that stage: the stages before it are
@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from compress import memory, pipeline  # noqa: E402
+from compress import config, measure, memory, pipeline  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
 
 TINY = REPO / "configs" / "models" / "tiny-llama.json"
@@ -86,7 +86,7 @@ def compare_run(run_dir: Path) -> list[dict]:
             pred, meas = mem.get(pk), mem.get(mk)
             if pred is None or meas is None or (what == "eval" and m["stage"] == "eval"):
                 continue  # an eval stage's own peak is its evaluation: counted once, as "stage"
-            err, ok = memory.compare(pred, meas)
+            err, ok = measure.compare(pred, meas)
             rows.append({"run": run_dir.name, "folder": m["folder"], "stage": m["stage"], "what": what,
                          "predicted_bytes": pred, "measured_bytes": meas, "rel_error": err, "ok": ok,
                          "method": mem.get("method"), "device": mem.get("device")})
@@ -98,7 +98,7 @@ def render(rows: list[dict], how: str) -> str:
     lines = [
         "# Memory planner: predicted vs measured peak", "",
         "Written by `bench/memory.py`. Predicted = compress.memory (from the loaded input model's config); measured "
-        "= compress.memory.PeakMemory during the stage (CPU: peak RSS growth over the resident input model). "
+        "= compress.measure.PeakMemory during the stage (CPU: peak RSS growth over the resident input model). "
         "ok = within 25% of the measurement, or within the 16 MiB noise floor of one CPU RSS measurement. "
         f"Run: {how}.", "",
         f"{ok} of {len(rows)} within bounds.", "",
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
         path = work / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(PIPELINES[name]))
-        pipe = pipeline.load(path)
+        pipe = config.load(path)
         warm_token_cache(pipe)
         if a.one_process:
             pipeline.run(pipe, out_root=work, log=print, quiet=True)
@@ -153,16 +153,15 @@ def warm_token_cache(pipe) -> None:
     """Tokenize every text source the pipeline names, every split, once: compress.data caches the ids on disk,
     and the planner plans a warm cache (compress.memory.data_bytes). A first tokenization costs several times
     more (Python lists of ids), so without this the first stage to read a source on a new machine measures it."""
-    from compress import checkpoint, data
+    from compress import data
 
-    if pipe.model.startswith("tiny:"):
-        from compress import tiny
-
-        _, tok = tiny.build(pipeline._tiny_path(pipe.model), seed=pipe.seed)
+    source = pipeline.source_of(pipe)
+    if source.tiny:
+        _, tok = source.load()
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(checkpoint.resolve(pipe.model))
+        tok = AutoTokenizer.from_pretrained(source.path)
 
     def strings(x):
         if isinstance(x, str):
@@ -188,9 +187,9 @@ def warm_token_cache(pipe) -> None:
 def run_stage_by_stage(path: Path, work: Path) -> None:
     """Run the pipeline at `path` once per stage, each time in a new Python process: `until` that stage, so the
     stages before it are finished and skipped (compress run --until)."""
-    for spec in pipeline.load(path).stages:
+    for spec in config.load(path).stages:
         code = ("from compress import pipeline; "
-                f"pipeline.run(pipeline.load({str(path)!r}), out_root={str(work)!r}, log=print, quiet=True, "
+                f"pipeline.run(config.load({str(path)!r}), out_root={str(work)!r}, log=print, quiet=True, "
                 f"until={spec.name!r})")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 

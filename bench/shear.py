@@ -88,9 +88,9 @@ def load_model(spec: str, seed: int, device):
 
         model, tok = build(spec[5:], seed=seed)
         return model.to(device), tok
-    from compress import checkpoint
+    from compress import checkpoint, sources
 
-    model, tok = checkpoint.load(checkpoint.resolve(spec), device=device)
+    model, tok = checkpoint.load(sources.folder_of(spec), device=device)
     return model.float(), tok
 
 

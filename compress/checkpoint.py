@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,50 +71,7 @@ def format_of(config: dict) -> str:
     raise CompressError(f"unsupported quantization_config.quant_method {method!r} (supported: gptq, bitsandbytes 8-bit)")
 
 
-# --------------------------------------------------------------------------------------------- resolving
-
-
-def hub_offline() -> bool:
-    """True when the hub must not be contacted: offline env vars set, or huggingface.co unreachable in 2 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ).lower() in ("1", "true", "yes"):
-        return True
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-        return False
-    except OSError:
-        return True
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
-
-
-def resolve(spec: str) -> Path:
-    """Turn a model spec (local folder, `zoo:NAME`, or HF hub id) into a local folder, or fail in one line."""
-    if spec.startswith("zoo:"):
-        from compress import zoo
-
-        return zoo.model_path(spec[4:])
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CompressError(f"model {spec!r} is a file; give the folder that holds config.json")
-        return path
-    if not looks_like_hub_id(spec):
-        raise CompressError(f"model {spec!r} is neither a local folder nor a Hugging Face hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
-    try:
-        if hub_offline():
-            return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
-        return Path(snapshot_download(spec, allow_patterns=patterns))
-    except Exception as e:  # the hub client raises many types; all mean "could not get it"
-        where = "the hub is offline and it is not in the local HF cache" if hub_offline() else str(e).splitlines()[0]
-        raise CompressError(f"model {spec!r} is not a local folder, and {where}") from None
+# --------------------------------------------------------------------------------------------- checks before loading
 
 
 def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
@@ -304,18 +259,28 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
-def round_trip(model, folder: Path, device, trust_remote_code: bool = False) -> dict:
-    """Reload `folder` through load() and compare its outputs with the in-memory `model` on a fixed input."""
+def round_trip(model, folder: Path, device, trust_remote_code: bool = False) -> tuple[dict, torch.nn.Module]:
+    """Reload `folder` through load() and compare its outputs with the in-memory `model` on a fixed input.
+
+    Returns the check's record and the reloaded model (what the pipeline evaluates: the checkpoint as saved),
+    with any weight cache the check's forward built dropped, so it is as a fresh load."""
     config = check_folder(folder)
     fmt = FORMATS[format_of(config)]
     ids = probe_input(model)
     expected = outputs(model, ids)
     reloaded, _ = load(folder, device=device, trust_remote_code=trust_remote_code)
     err = max_rel_error(expected, outputs(reloaded, ids))
-    del reloaded
+    drop_caches(reloaded)
     if not err <= fmt.tolerance:  # also catches NaN
         raise CompressError(
             f"round-trip check failed for {folder.name}: reloaded logits differ by {err:.3g} (relative), "
             f"above the {fmt.name} format's tolerance {fmt.tolerance:g}; the checkpoint is not faithful"
         )
-    return {"max_rel_error": err, "tolerance": fmt.tolerance, "format": fmt.name}
+    return {"max_rel_error": err, "tolerance": fmt.tolerance, "format": fmt.name}, reloaded
+
+
+def drop_caches(model) -> None:
+    """Forget what forwards cached inside modules (dequantized GPTQ weights), as a fresh load would not have it."""
+    for m in model.modules():
+        if hasattr(m, "clear_cache"):
+            m.clear_cache()

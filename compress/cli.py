@@ -93,15 +93,15 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
     everything else on the main process:
       accelerate launch --multi_gpu --num_processes 4 -m compress.cli run my.yaml
     """
-    from compress import pipeline, report
+    from compress import config, memory, pipeline, planner, report
 
     _quiet_libraries()
-    pipe = pipeline.load(pipeline_file)
+    pipe = config.load(pipeline_file)
     pipeline.stage_position(pipe, until)  # an unknown --until fails here, before anything is loaded
     if dry_run:
-        pipeline.check_model_spec(pipe.model, pipe.allow_pickle)
+        source = pipeline.source_of(pipe)
         if not force:
-            pipeline.check_memory(pipe, pipeline.pick_device(pipe.device))
+            planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)))
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
         return
@@ -111,7 +111,9 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
         _log(f"[{res.folder}] {word[res.status]}")
 
     results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show, until=until)
-    if not pipeline.is_main_process():  # `accelerate launch`: the main process prints the summary
+    from compress.distributed import is_main_process
+
+    if not is_main_process():  # `accelerate launch`: the main process prints the summary
         return
     run_dir = Path(out) / pipe.name
     click.echo(report.to_text(report.collect([run_dir]), {r.folder: r.status for r in results}))
@@ -212,19 +214,17 @@ def eval_cmd(model, data, seq_len, max_tokens, base, as_json):
     """
     import json as _json
 
-    from compress import checkpoint, evaluate, pipeline
+    from compress import config, evaluate, measure, pipeline, sources
 
     _quiet_libraries()
-    cfg = pipeline.build_config(
+    cfg = config.build_config(
         evaluate.EvalConfig, {"perplexity": list(data), "seq_len": seq_len, "max_tokens": max_tokens}, "eval"
     )
-    from compress import memory
-
     device = pipeline.pick_device("auto")
     if device.type == "cpu":
-        memory.fixed_mmap_threshold()  # as in `compress run`: the same memory behaviour, the same measured peak
-    m, tok = checkpoint.load(checkpoint.resolve(model), device=device)
-    base_model = checkpoint.load(checkpoint.resolve(base), device=device)[0] if base else None
+        measure.fixed_mmap_threshold()  # as in `compress run`: the same memory behaviour, the same measured peak
+    m, tok = sources.resolve(model).load(device)
+    base_model = sources.resolve(base).load(device)[0] if base else None
     result = evaluate.run(m, tok, cfg, device=device, base_model=base_model)
     if as_json:
         click.echo(_json.dumps(result, indent=2, default=str))
@@ -261,10 +261,10 @@ def plan(pipeline_file, device, memory_gb):
       compress plan pipelines/smollm2-shear.yaml --device rtx4090
       compress plan my.yaml --memory 16
     """
-    from compress import memory, pipeline
+    from compress import config, memory, pipeline, planner
 
     _quiet_libraries()
-    pipe = pipeline.load(pipeline_file)
+    pipe = config.load(pipeline_file)
     if device and memory_gb:
         raise CompressError("give --device or --memory, not both")
     here = pipeline.pick_device(pipe.device)
@@ -272,8 +272,8 @@ def plan(pipeline_file, device, memory_gb):
         target = memory.Device(f"{memory_gb:g} GB", here.type, int(memory_gb * 1e9))
     else:
         target = memory.resolve_device(device) if device else memory.machine(here)
-    plans = pipeline.plan_memory(pipe, target)
-    click.echo(memory.format_table(plans, target))
+    plans = planner.plan(pipe, pipeline.source_of(pipe).config, target)
+    click.echo(planner.format_table(plans, target))
     if any(p.fits is False for p in plans):
         click.get_current_context().exit(1)
 

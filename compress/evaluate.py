@@ -39,7 +39,6 @@ Not supported: perplexity of bare encoders (use agreement), stride for masked LM
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -161,9 +160,9 @@ def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
     """
     device = torch.device(device)
     if _quant_method(model) == "bitsandbytes":
-        from compress import memory
+        from compress import measure
 
-        with memory.mmap_threshold():  # bitsandbytes' many small buffers per matmul (see compress.memory)
+        with measure.mmap_threshold():  # bitsandbytes' many small buffers per matmul (see compress.measure)
             return _run(model, tokenizer, cfg, device, base_model)
     return _run(model, tokenizer, cfg, device, base_model)
 

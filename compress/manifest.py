@@ -1,10 +1,11 @@
-"""Measure a stage's output (size, memory, environment) and write its manifest.json atomically and last.
+"""A stage's manifest: what was measured about its output (size, memory, accuracy, speed, provenance).
 
 The presence of `manifest.json` in a stage folder means "this stage finished": the pipeline writes it after
 the checkpoint, the round-trip check and the evaluation, through a temp file + os.replace, inside a folder
-that is itself renamed into place only when complete.
+that is itself renamed into place only when complete. `Manifest` is its one shape; `read` gives a finished
+folder's manifest back as the JSON dict it was written as (what reports and users read).
 
-Peak memory during a stage is measured by compress.memory.PeakMemory, the way the memory planner predicts
+Peak memory during a stage is measured by compress.measure.PeakMemory, the way the memory planner predicts
 it (growth over the resident input model: peak RSS on CPU, max allocated on CUDA).
 """
 
@@ -16,9 +17,40 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+
+@dataclass
+class Manifest:
+    stage: str                     # stage type (base for 00-base)
+    name: str                      # the stage's name; its folder is NN-name
+    index: int                     # NN: 0 is the base model
+    folder: str
+    config: dict                   # the stage's Config as run
+    config_hash: str | None        # stage type + config + seed + data (resume decides on it)
+    input: dict                    # {"from": stage or model spec, "path": folder, "hash": content hash}
+    output_hash: str               # content hash of the checkpoint written (a stage with no weights: its input's)
+    format: str | None             # plain | gptq | bnb-int8 ...
+    size: dict | None              # disk_bytes, params, bits_per_weight
+    memory: dict                   # weights, predicted and measured peaks of the stage and its evaluation, how
+    stats: dict                    # what the stage returned about its work
+    seconds: float                 # the stage's own time
+    env: dict                      # versions, device, git commit, argv
+    eval_hash: str | None = None   # the eval protocol it was evaluated under (a change re-evaluates, not rebuilds)
+    round_trip: dict | None = None # the reload check: max relative logit error and the format's tolerance
+    checkpoint: str | None = None  # a stage that writes no weights: the folder it describes
+    accuracy: dict = field(default_factory=dict)   # {metric: {source: {value, protocol}}}
+    speed: dict = field(default_factory=dict)      # eval and decode tokens/s with their protocol
+    complete: bool = True
+
+    def to_dict(self) -> dict:
+        keys = ["stage", "name", "index", "folder", "complete", "config", "config_hash", "eval_hash", "input",
+                "checkpoint", "output_hash", "format", "size", "memory", "round_trip", "stats", "seconds", "env",
+                "accuracy", "speed"]
+        return {k: getattr(self, k) for k in keys if k != "checkpoint" or self.checkpoint is not None}
 
 # --------------------------------------------------------------------------------------------- size
 
@@ -109,8 +141,10 @@ def _git_commit() -> str | None:
 # --------------------------------------------------------------------------------------------- io
 
 
-def write(folder: Path, manifest: dict) -> Path:
+def write(folder: Path, manifest: Manifest | dict) -> Path:
     """Write manifest.json atomically (temp file + fsync + os.replace)."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     path = Path(folder) / "manifest.json"
     tmp = path.with_suffix(".json.tmp")
     with tmp.open("w") as fh:
@@ -146,3 +180,10 @@ def _json_default(o):
 
 def now() -> float:
     return time.perf_counter()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

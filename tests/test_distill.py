@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress import checkpoint, manifest, pipeline
+from compress import checkpoint, config, manifest, pipeline
 from compress.algorithms import kd
 from compress.context import Context
 from compress.errors import CompressError
@@ -269,7 +269,7 @@ def test_bad_settings_are_compress_errors(tiny_llama, tiny_bert, text_file, tmp_
 def _run(tmp_path, body: str) -> Path:
     p = tmp_path / "p.yaml"
     p.write_text(textwrap.dedent(body))
-    pipe = pipeline.load(p)
+    pipe = config.load(p)
     pipeline.run(pipe, out_root=tmp_path / "artifacts", log=lambda m: None, quiet=True)
     return tmp_path / "artifacts" / pipe.name
 
@@ -331,7 +331,7 @@ def test_encoder_distill_pipeline_is_scored_by_agreement(tmp_path):
 
 def test_shipped_pipelines_validate():
     for name, layers in (("minilm-distill", 3), ("smollm2-distill", 15)):
-        pipe = pipeline.load(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
+        pipe = config.load(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
         assert [s.type for s in pipe.stages] == ["distill"] and pipe.stages[0].config.layers == layers
 
 

@@ -1,18 +1,20 @@
-"""The memory planner: hand-computed arithmetic, exact parameter counts, fit checks with advice, and two
-real CPU measurements (cast, eval forward) that the predictions must match."""
+"""The memory planner: hand-computed arithmetic, exact parameter counts, each stage's memory model through the
+typed API, fit checks with advice, and two real CPU measurements (cast, eval forward) the predictions must match."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from compress import config, measure, planner
 from compress import memory as M
+from compress.evaluate import EvalConfig
 from compress.errors import CompressError
+from compress.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = REPO / "configs" / "models" / "tiny-llama.json"
@@ -26,6 +28,24 @@ SMOLLM2 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_siz
 @pytest.fixture(scope="module")
 def tiny_shape():
     return M.describe(TINY_LLAMA)
+
+
+@pytest.fixture(scope="module")
+def txt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "x.txt"
+    p.write_text("Some text to score.\n")
+    return str(p)
+
+
+def predict(stage: str, state, device=None, **settings):
+    """One stage's plan with the stage's typed Config built from `settings`."""
+    return planner.predict_stage(STAGES[stage], STAGES[stage].Config(**settings), state, device=device)
+
+
+def plan(raw: dict, model_config, device=None):
+    """Plans of a pipeline given as a mapping (the YAML's content)."""
+    return planner.plan(config.parse({"name": "t", "model": "x", **raw}, REPO / "pipelines" / "t.yaml"), model_config,
+                        device)
 
 
 def test_parse_memory_and_devices():
@@ -79,7 +99,7 @@ def test_training_adds_exactly_the_documented_terms(tiny_shape):
     s, B, S = tiny_shape, 2, 16
     acts = (4 * (9 * 64 + 4 * 32 + 4 * 160) + 8 * 64) * B * S * s.layers       # a*(9h + 4kvd + 4I) + 8h
     logits = B * S * 264 * (4 + 12)
-    p = M.predict_stage("train", {"batch_size": B, "seq_len": S}, None, M.ModelState(s, "float32"))
+    p = predict("train", M.ModelState(s, "float32"), batch_size=B, seq_len=S)
     assert p.breakdown["gradients"] == 4 * s.params
     assert p.breakdown["AdamW states (m, v)"] == 8 * s.params
     assert p.breakdown["activations"] == acts
@@ -88,24 +108,23 @@ def test_training_adds_exactly_the_documented_terms(tiny_shape):
     assert p.allocated_bytes == p.weights_bytes + p.growth_bytes
     assert p.peak_bytes == p.allocated_bytes + M.CPU_PROCESS_BYTES
     # bf16 weights, as compress/train.py trains them: bf16 grads and AdamW states, no master copy
-    pb = M.predict_stage("train", {"batch_size": B, "seq_len": S}, None, M.ModelState(s, "bfloat16"))
+    pb = predict("train", M.ModelState(s, "bfloat16"), batch_size=B, seq_len=S)
     acts16 = (2 * (9 * 64 + 4 * 32 + 4 * 160) + 8 * 64) * B * S * s.layers
     assert pb.growth_bytes == 6 * s.params + acts16 + B * S * 264 * (2 + 12)
     # bf16 autocast over fp32 weights: fp32 grads and states, 16-bit activations, cached 16-bit linears
-    pa = M.predict_stage("train", {"batch_size": B, "seq_len": S, "mixed_precision": "bf16"}, None,
-                         M.ModelState(s, "float32"))
+    pa = predict("train", M.ModelState(s, "float32"), batch_size=B, seq_len=S, mixed_precision="bf16")
     assert pa.growth_bytes == 12 * s.params + 2 * s.linear_params + acts16 + B * S * 264 * (2 + 12)
     # the usual recipe (README table): bf16 weights + grads, fp32 master + m + v = 16 bytes/param
-    recipe = M._training_terms(s, 2, B, S, autocast=False, master_weights=True)
+    recipe = M.training_terms(s, 2, B, S, autocast=False, master_weights=True)
     assert recipe["gradients"] + recipe["fp32 master weights"] + recipe["AdamW states (m, v)"] == 14 * s.params
     assert M.training_activation_bytes(s, 4, B, S, checkpointing=True) == s.layers * B * S * 64 * 4 + acts // s.layers
     assert M.activation_factor(M.describe(SMOLLM2), "float32") == 92.0
 
 
-def test_gptq_cast_int8_eval_terms(tiny_shape):
+def test_gptq_cast_int8_eval_terms(tiny_shape, txt):
     s = tiny_shape
     st = M.ModelState(s, "bfloat16")
-    g = M.predict_stage("gptq", {"nsamples": 8, "seq_len": 32, "dtype": "float16"}, None, st)
+    g = predict("gptq", st, nsamples=8, seq_len=32, dtype="float16")
     assert g.breakdown["block inputs + outputs (fp32)"] == 2 * 8 * 32 * 64 * 4
     assert g.breakdown["replayed sub-module inputs (fp32)"] == 8 * 32 * 4 * (64 + 160)  # o_proj's and down's inputs
     # largest group: gate+up stacked [320, 64] (8*R*C + 5*C^2) vs down [64, 160]; or one batch's forward
@@ -115,7 +134,7 @@ def test_gptq_cast_int8_eval_terms(tiny_shape):
     # on CPU the memory-mapped input's finished blocks are paged out: the first block is the peak
     assert g.breakdown["notes"][0].startswith("peak in the first block phase;")
     assert "packed output (one block)" in g.breakdown and "input blocks paged out" not in g.breakdown
-    cuda = M.predict_stage("gptq", {"nsamples": 8, "seq_len": 32, "dtype": "float16"}, None, st, device="8GB")
+    cuda = predict("gptq", st, device="8GB", nsamples=8, seq_len=32, dtype="float16")
     assert cuda.breakdown["notes"][0].startswith("peak in the last block phase;")  # a GPU frees nothing early
     assert cuda.growth_bytes > g.growth_bytes
     # the cast of the unquantized rest happens after the last block: another phase, not added to the peak
@@ -125,27 +144,24 @@ def test_gptq_cast_int8_eval_terms(tiny_shape):
                                                                                "notes"))
     assert g.output_state.format == "gptq" and g.output_state.dtype == "float16"
     assert g.output_weights_bytes < st.weights_bytes()
-    rtn = M.predict_stage("gptq", {"method": "rtn"}, None, st)
+    rtn = predict("gptq", st, method="rtn")
     assert "calibration tokens" not in rtn.breakdown and rtn.growth_bytes < g.growth_bytes
-    c = M.predict_stage("cast", {"dtype": "bfloat16"}, None, M.ModelState(s, "float32"))
+    c = predict("cast", M.ModelState(s, "float32"), dtype="bfloat16")
     assert c.growth_bytes == s.params * 2 and s.float_buffers == 0 and c.output_state.dtype == "bfloat16"
-    assert M.predict_stage("cast", {"dtype": "fp32"}, None, M.ModelState(s, "float32")).growth_bytes == 0
-    i8 = M.predict_stage("int8", {"calibration_samples": 0}, None, st)
+    assert predict("cast", M.ModelState(s, "float32"), dtype="float32").growth_bytes == 0
+    i8 = predict("int8", st, calibration_samples=0)
     assert i8.breakdown["int8 weights + row scales"] == s.linear_params + 4 * s.linear_out_features
     assert i8.output_state.format == "bnb-int8" and "outlier pass: logits" not in i8.breakdown
-    e = M.predict_stage("eval", {"perplexity": ["x.txt"], "seq_len": 64, "batch_size": 2, "speed": False}, None, st)
+    e = predict("eval", st, perplexity=[txt], seq_len=64, batch_size=2, speed=False)
     n = 2 * 64 * 264
     assert e.breakdown["logits"] + e.breakdown["fp32 logits (upcast or shifted copy)"] + e.breakdown["log-softmax"] \
         == n * (2 + 4 + 4)
-    e32 = M.predict_stage("eval", {"perplexity": ["x.txt"], "seq_len": 64, "batch_size": 1, "speed": False}, None,
-                          M.ModelState(s, "float32"))
+    e32 = predict("eval", M.ModelState(s, "float32"), perplexity=[txt], seq_len=64, batch_size=1, speed=False)
     assert "fp32 logits (upcast or shifted copy)" not in e32.breakdown   # fp32, one window: no copy
-    bare = M.predict_stage("eval", {"seq_len": 64, "speed": False}, None, st)   # nothing to score: no windows
+    bare = predict("eval", st, seq_len=64, speed=False)   # nothing to score: no windows
     assert "logits" not in bare.breakdown and "layer transient" not in bare.breakdown
     with pytest.raises(CompressError, match="plain"):
-        M.predict_stage("train", {}, None, g.output_state)
-    with pytest.raises(CompressError, match="knows no stage"):
-        M.predict_stage("quantum", {}, None, st)
+        predict("train", g.output_state)
 
 
 PIPELINE = {
@@ -156,36 +172,36 @@ PIPELINE = {
         {"gptq": {"bits": 4, "group_size": 128, "nsamples": 16, "seq_len": 512, "name": "gptq-w4"}},
         {"prune": {"target": {"layers": 16, "hidden": 384, "heads": 6, "intermediate": 1152}, "from": "base",
                    "batch_size": 2, "seq_len": 256}},
-        {"distill": {"layers": 8, "teacher": "base", "batch_size": 2, "seq_len": 256}},
+        {"distill": {"teacher": "base", "batch_size": 2, "seq_len": 256}},
         {"train": {"batch_size": 8, "seq_len": 1024, "tokens": 100_000}},
     ],
 }
 
 
 def test_plan_flows_state_and_flags_what_does_not_fit():
-    plans = M.plan(PIPELINE, SMOLLM2, device="cpu:4GB")
+    plans = plan(PIPELINE, SMOLLM2, device="cpu:4GB")
     assert [p.name for p in plans] == ["base", "cast", "gptq-w4", "prune", "distill", "train"]
     base, cast, gptq, prune, distill, train = plans
     assert base.output_weights_bytes == cast.weights_bytes == 134_515_008 * 4
     assert gptq.weights_bytes == cast.output_weights_bytes                       # flows from cast
     assert prune.weights_bytes == base.output_weights_bytes                      # from: base
     assert prune.output_state.shape.layers == 16 and prune.output_state.shape.hidden == 384
-    assert distill.output_state.shape.layers == 8
-    assert "teacher weights" in distill.breakdown                                # teacher (base) is not the input
+    assert distill.output_state.shape.layers == 16                               # the input is the student
+    assert "teacher weights" in distill.breakdown and "weights" not in distill.breakdown  # base teaches, loaded
     assert all(p.eval_peak_bytes for p in plans)
     assert cast.fits and gptq.fits
     assert train.fits is False
     assert any(a.startswith("batch_size: 2 with grad_accum x4") and "fits" in a for a in train.advice)
-    again = M.plan({**PIPELINE, "stages": [*PIPELINE["stages"][:-1],
-                                           {"train": {**PIPELINE["stages"][-1]["train"], "batch_size": 2}}]},
-                   SMOLLM2, device="cpu:4GB")
+    again = plan({**PIPELINE, "stages": [*PIPELINE["stages"][:-1],
+                                         {"train": {**PIPELINE["stages"][-1]["train"], "batch_size": 2}}]},
+                 SMOLLM2, device="cpu:4GB")
     assert again[-1].peak_bytes <= M.resolve_device("cpu:4GB").bytes  # the advice is re-planned, not guessed
     assert any("mixed_precision: bf16" in a for a in train.advice)
-    table = M.format_table(plans, "cpu:4GB")
+    table = planner.format_table(plans, "cpu:4GB")
     assert "gptq-w4" in table and "NO" in table and "does not fit" in table
-    assert all(p.fits is None for p in M.plan(PIPELINE, SMOLLM2))
-    with pytest.raises(CompressError, match="from: nowhere"):
-        M.plan({"stages": [{"cast": {"from": "nowhere"}}]}, SMOLLM2)
+    assert all(p.fits is None for p in plan(PIPELINE, SMOLLM2))
+    with pytest.raises(CompressError, match="from: 'nowhere' is not base"):
+        plan({"stages": [{"cast": {"from": "nowhere"}}]}, SMOLLM2)
 
 
 def test_bare_encoder_plans_no_logits():
@@ -195,44 +211,41 @@ def test_bare_encoder_plans_no_logits():
     assert not shape.logits and M.describe(TINY_BERT).logits
     stages = {"eval": {"agreement": ["zoo:austen"], "seq_len": 128},
               "stages": [{"distill": {"layers": 2, "batch_size": 4, "seq_len": 128}}]}
-    base, distill = M.plan(stages, bare)
+    base, distill = plan(stages, bare)
     assert not any("logits" in k or "KL" in k for k in distill.breakdown)
     B, S, h = 4, 128, 64
     assert distill.breakdown["teacher hidden states"] == (4 + 1) * B * S * h * 4   # every teacher layer + embeddings
-    ev = M._eval_terms(base.output_state, {"perplexity": ["zoo:austen"], "seq_len": 128})  # agreement by default
-    B = M.AGREEMENT_BATCH
+    ev = M.eval_terms(base.output_state, EvalConfig(perplexity=["zoo:austen"], seq_len=128))  # agreement by default
+    from compress.evaluate import AGREEMENT_BATCH as B
+
     assert ev["hidden states of every layer"] == (4 + 1) * B * S * h * 4 and "logits" not in ev
     assert "reference (base) model weights" not in ev
-    ev_cfg = {**M.stage_defaults("eval"), **stages["eval"]}
-    with_ref = M._eval_terms(distill.output_state, ev_cfg, "cpu", base.output_state)
+    with_ref = M.eval_terms(distill.output_state, EvalConfig(**stages["eval"]), "cpu", base.output_state)
     assert with_ref["reference (base) model weights"] == base.output_weights_bytes      # the student vs its teacher
     assert distill.eval_growth_bytes == sum(with_ref.values())
-    from compress import evaluate
-
-    assert M.AGREEMENT_BATCH == evaluate.AGREEMENT_BATCH
-    with_head = M.plan(stages, json.loads(TINY_BERT.read_text()))[1]
+    with_head = plan(stages, json.loads(TINY_BERT.read_text()))[1]
     assert with_head.breakdown["soft targets + KL"] == 6 * 4 * S * 264 * 4   # distill batch 4
 
 
-def test_eval_batches_no_more_windows_than_max_tokens_gives(tiny_shape):
+def test_eval_batches_no_more_windows_than_max_tokens_gives(tiny_shape, txt):
     state = M.ModelState(tiny_shape, "float32")
-    few = M._eval_terms(state, {"perplexity": ["x"], "seq_len": 512, "batch_size": 4, "max_tokens": 1024})
-    many = M._eval_terms(state, {"perplexity": ["x"], "seq_len": 512, "batch_size": 4, "max_tokens": 20480})
+    few = M.eval_terms(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=1024))
+    many = M.eval_terms(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=20480))
     assert few["logits"] == 2 * 512 * 264 * 4 and many["logits"] == 4 * 512 * 264 * 4   # 2 windows, then batch 4
 
 
 def test_gptq_advice_on_a_small_gpu():
-    seven = M.llama_config("7b")
+    seven = REPO / "configs" / "models" / "llama-2-7b"   # a config-only folder: Llama-2-7B's shape
     stages = {"stages": [{"cast": {"dtype": "bfloat16"}}, {"gptq": {"nsamples": 256, "seq_len": 2048}}]}
-    on_big = M.plan(stages, seven, "h100-80gb")[2]
-    on_small = M.plan(stages, seven, "rtx4090")[2]
+    on_big = plan(stages, seven, "h100-80gb")[2]
+    on_small = plan(stages, seven, "rtx4090")[2]
     assert on_big.fits and on_big.allocated_bytes == on_big.weights_bytes + on_big.growth_bytes
     assert on_small.fits is False
     assert any(a.startswith("nsamples: 128") for a in on_small.advice)
     assert any(a.startswith("method: rtn") for a in on_small.advice)
 
 
-def test_predict_for_run_reads_the_loaded_model(tiny_llama):
+def test_predict_for_run_reads_the_loaded_model(tiny_llama, txt):
     from types import SimpleNamespace
 
     from compress.stages import cast
@@ -240,30 +253,26 @@ def test_predict_for_run_reads_the_loaded_model(tiny_llama):
     model, _ = tiny_llama
     state = M.state_from_model(model)
     assert (state.dtype, state.format, state.shape.params) == ("float32", "plain", sum(p.numel() for p in model.parameters()))
-    spec = SimpleNamespace(type="cast", source="base", config=cast.Config(dtype="bfloat16"))
-    assert M.predict_for_run(None, spec, model) == state.shape.params * 2
-    assert M.predict_eval_for_run({"perplexity": ["x.txt"], "seq_len": 32, "batch_size": 1, "speed": False}, model) > 32 * 264 * 8
+    spec = SimpleNamespace(module=cast, source="base", config=cast.Config(dtype="bfloat16"))
+    assert planner.predict_for_run(SimpleNamespace(data={}), spec, model) == state.shape.params * 2
+    cfg = EvalConfig(perplexity=[txt], seq_len=32, batch_size=1, speed=False)
+    assert planner.predict_eval_for_run(cfg, model) > 32 * 264 * 8
 
 
 def test_arithmetic_table_is_computed():
-    rows = {r["model"]: r for r in M.arithmetic_rows()}
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_arithmetic", REPO / "bench" / "memory_arithmetic.py")
+    arithmetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arithmetic)
+    rows = {r["model"]: r for r in arithmetic.rows()}
     seven = rows["7B"]
     assert seven["params"] == 6_738_415_616                          # Llama-2-7B
     assert seven["fp32"] == pytest.approx(28e9 * 6.738 / 7, rel=1e-3)  # "a 7B model needs 28 GB in fp32"
     assert seven["bf16"] * 2 == seven["fp32"]
     assert seven["4-bit"] < seven["int8"] < seven["bf16"] < seven["LoRA (frozen base)"] < seven["full fine-tuning"]
     assert seven["full fine-tuning"] > 16 * seven["params"]
-    assert "| 70B |" in M.arithmetic_table()
-
-
-def test_peak_memory_measures_growth():
-    with M.PeakMemory("cpu") as m:
-        x = torch.ones(16 * 2**20)  # 64 MiB
-        del x
-    assert m.method == "rss-growth"
-    assert 60 * 2**20 <= m.measured_bytes <= 80 * 2**20
-    assert M.compare(64 * 2**20, m.measured_bytes)[1]
-    assert not M.compare(10 * 2**20, 200 * 2**20)[1]
+    assert "| 70B |" in arithmetic.table()
 
 
 def _mid_model(tmp_path, vocab=8192, hidden=512, layers=4):
@@ -279,45 +288,20 @@ def _mid_model(tmp_path, vocab=8192, hidden=512, layers=4):
 
 def test_cast_prediction_matches_measurement(tmp_path):
     model, cfg = _mid_model(tmp_path)   # ~17M params, 67 MB fp32
-    plan = M.predict_stage("cast", {"dtype": "bfloat16"}, cfg)
-    with M.PeakMemory("cpu", model) as m:   # pinned input: measured on top of the resident fp32 weights
+    plan = predict("cast", planner.initial_state(cfg), dtype="bfloat16")
+    with measure.PeakMemory("cpu", model) as m:   # pinned input: measured on top of the resident fp32 weights
         model.to(torch.bfloat16)
-    err, ok = M.compare(plan.growth_bytes, m.measured_bytes, floor=0)
+    err, ok = measure.compare(plan.growth_bytes, m.measured_bytes, floor=0)
     assert err <= 0.25, (plan.growth_bytes, m.measured_bytes)
 
 
-def test_eval_prediction_matches_measurement(tmp_path):
+def test_eval_prediction_matches_measurement(tmp_path, txt):
     model, cfg = _mid_model(tmp_path, vocab=16384, hidden=256, layers=2)
     x = torch.randint(0, 16384, (1, 512))
     with torch.no_grad():
         model(x[:, :16])  # warm-up (the pipeline has already evaluated 00-base)
-    plan = M.predict_stage("eval", {"perplexity": ["x.txt"], "seq_len": 512, "batch_size": 1}, cfg)
-    with M.PeakMemory("cpu", model) as m, torch.no_grad():
+    plan = predict("eval", planner.initial_state(cfg), perplexity=[txt], seq_len=512, batch_size=1)
+    with measure.PeakMemory("cpu", model) as m, torch.no_grad():
         model(x, labels=x)
-    err, ok = M.compare(plan.growth_bytes, m.measured_bytes, floor=0)
+    err, ok = measure.compare(plan.growth_bytes, m.measured_bytes, floor=0)
     assert err <= 0.25, (plan.growth_bytes, m.measured_bytes)
-
-
-def test_mmap_threshold_setting_reads_the_environment(monkeypatch):
-    monkeypatch.setenv(M.MMAP_THRESHOLD_ENV, "0")
-    assert M.fixed_mmap_threshold() == 0                      # 0: glibc's own behaviour, nothing set
-    monkeypatch.setenv(M.MMAP_THRESHOLD_ENV, "lots")
-    with pytest.raises(CompressError, match="COMPRESS_MMAP_THRESHOLD"):
-        M.fixed_mmap_threshold()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_PAGEOUT) is Linux's")
-def test_page_out_mapped_releases_pages_and_keeps_values(tmp_path):
-    """Weights loaded from safetensors are views of a file mapping: paging them out hands their pages back
-    (the GPTQ/RTN stages do it block by block) and never changes what they hold; other tensors are ignored."""
-    from transformers import AutoModelForCausalLM
-
-    model, _ = _mid_model(tmp_path, layers=2)
-    model.save_pretrained(tmp_path / "ckpt")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
-    weights = [m.weight for m in loaded.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
-    before = [w.detach().clone() for w in weights]
-    advised = M.page_out_mapped(weights)
-    assert advised > 0.9 * sum(w.numel() * 4 for w in weights)  # all but partial pages at the ends
-    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # read back from the file
-    assert M.page_out_mapped([torch.ones(2**20), weights[0].t()]) == 0  # anonymous memory; a transposed view

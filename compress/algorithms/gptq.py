@@ -521,6 +521,9 @@ class QuantLinear(nn.Module):
             self._cached = (key, self.dequantize(dtype))
         return self._cached[1]
 
+    def clear_cache(self) -> None:
+        self._cached = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight_for(x.dtype), bias)

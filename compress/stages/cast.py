@@ -13,10 +13,12 @@ floating point; cast before quantizing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from compress import memory
 from compress.errors import CompressError
 
 NAME = "cast"
@@ -55,3 +57,17 @@ def cast_weights(model, dtype: torch.dtype) -> None:
         for name, b in module.named_buffers(recurse=False):
             if b is not None and b.is_floating_point() and name not in module._non_persistent_buffers_set:
                 module._buffers[name] = b.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: every floating parameter converted (p.data = p.data.to(dtype)); the input stays
+    resident, so the peak holds both copies."""
+    memory.require_plain(state, NAME)
+    target = memory.dtype_name(cfg.dtype)
+    out = dataclasses.replace(state, dtype=target)
+    terms = {} if target == state.dtype else {f"{target} copy of weights": out.float_numel() * out.act_bytes}
+    return memory.Parts(terms, state.weights_bytes(), out)

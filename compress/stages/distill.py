@@ -54,6 +54,7 @@ embeddings and pooler.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress import memory
 from compress import train as engine
 from compress.algorithms import kd
 from compress.errors import CompressError
@@ -195,10 +197,10 @@ def build_student(teacher, layers: int, init: str = "alternate"):
 
 def load_teacher(ref: str, ctx):
     """(model, tokenizer, content hash, folder) of a teacher reference: stage name, folder or zoo:NAME."""
-    from compress import checkpoint
+    from compress import checkpoint, sources
 
     if ref.startswith("zoo:"):
-        folder = checkpoint.resolve(ref)
+        folder = sources.folder_of(ref)
     elif ref == "base" or ref in ctx.stage_paths:
         folder = ctx.resolve_model_ref(ref)
     elif Path(ref).expanduser().is_dir():
@@ -527,3 +529,44 @@ def run(model, tokenizer, cfg: Config, ctx):
     }
     del teacher
     return student, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: a student trained on the teacher's softened logits (KL at temperature T: fp32
+    copies, scaling and (log-)softmax of both, ~6 x B*S*V*4), its own LM loss, and the cosine of hidden states
+    (the teacher's hidden states of every layer kept, no grad). Without `teacher` the student is a new model of
+    `layers` of the input's layers and the input teaches; with it the input is the student, trained in place,
+    and the teacher's weights are loaded."""
+    memory.require_plain(state, NAME)
+    shape, a = state.shape, state.act_bytes
+    batch, seq = cfg.batch_size, cfg.seq_len
+    if cfg.teacher is None:
+        teacher = state
+        layers = cfg.layers if cfg.layers is not None else max(1, shape.layers // 2)
+        student = shape.with_changes(num_hidden_layers=layers) if layers != shape.layers else shape
+    else:
+        teacher, student = where.states.get(str(cfg.teacher), state), shape
+    autocast = memory.autocast(cfg.mixed_precision, where.kind)
+    terms = memory.training_terms(student, a, batch, seq, autocast, new_weights=cfg.teacher is None)
+    if cfg.teacher is not None and teacher is not where.input:
+        terms["teacher weights"] = teacher.weights_bytes()
+    t_a = 2 if autocast else teacher.act_bytes
+    hidden_states = (teacher.shape.layers + 1) * batch * seq * teacher.shape.hidden * t_a
+    if teacher.shape.logits and shape.logits:
+        n = batch * seq * shape.vocab
+        terms["teacher logits + hidden states"] = n * t_a + hidden_states
+        terms["soft targets + KL"] = 6 * n * 4
+    else:  # bare encoders: embedding distillation, no logits (compress/stages/distill.py)
+        terms["teacher hidden states"] = hidden_states
+    terms["teacher forward (one layer)"] = memory.inference_layer_bytes(teacher.shape, t_a, batch, seq)
+    domains = memory.text_domains(cfg.data, where.data.get("train"))
+    terms["training text"] = memory.data_bytes(shape, [(d, sp) for sp in ("train", "validation") for d in domains])
+    return memory.Parts(terms, state.weights_bytes(), dataclasses.replace(state, shape=student))
+
+
+def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
+    return memory.training_tips(cfg, state, kind, fits)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress import evaluate
+from compress import evaluate, memory
 
 NAME = "eval"
 WRITES_CHECKPOINT = False  # the pipeline records the input's checkpoint instead of saving a copy
@@ -33,3 +33,24 @@ def run(model, tokenizer, cfg: Config, ctx):
     if evaluate.model_kind(model) == "bare":
         base = ctx.load_model("base")[0]
     return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: an evaluation (memory.eval_terms); a bare encoder other than the base is compared
+    with the base model, which is loaded for it."""
+    base = where.states.get("base")
+    ref = base if base is not None and base is not where.input and not state.shape.logits else None
+    return memory.Parts(memory.eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
+
+
+def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
+    tips = []
+    if cfg.batch_size > 1:
+        tips.append(memory.Tip(f"batch_size: {cfg.batch_size // 2}", {"batch_size": cfg.batch_size // 2}))
+    if cfg.seq_len > 128:
+        tips.append(memory.Tip(f"seq_len: {cfg.seq_len // 2}", {"seq_len": cfg.seq_len // 2}))
+    return tips

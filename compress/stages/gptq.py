@@ -19,7 +19,7 @@ With true_sequential (the default) each linear is computed once per calibration 
 groups replay what is already final (recorded outputs; a submodule that returns its last linear's output, as
 Llama's self_attn and mlp do, is that linear applied to the input its own pass kept, so attention runs once per
 block). On CPU a memory-mapped input
-(how every stage input is loaded) gives back each finished block's replaced weights (memory.page_out_mapped), so
+(how every stage input is loaded) gives back each finished block's replaced weights (measure.page_out_mapped), so
 RSS holds the input less the finished blocks, plus their packed form and one block's working set.
 
 The returned model holds QuantLinear modules (packed qweight/qzeros/scales/g_idx), everything else in `dtype`
@@ -32,8 +32,8 @@ calibration tokens, encoder-decoder models, quantizing lm_head or embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -43,7 +43,7 @@ from torch import nn
 from compress.algorithms.gptq import (
     BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
 )
-from compress import memory
+from compress import measure, memory
 from compress.errors import CompressError
 from compress.modeling import (
     StopForward, call_block, capture_layer_inputs, decoder_layers_with_name, linear_weight, linears, move,
@@ -128,12 +128,116 @@ def calibration_fingerprint(tokens: torch.Tensor, source: str | None, seed: int 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+
+def _linear_groups(shape: memory.ModelShape) -> list[list[tuple]]:
+    """Linears of a block that read the same input (GPTQ shares one Hessian per group and stacks them):
+    Llama: [q, k, v], [o], [gate, up], [down]; otherwise every linear alone."""
+    by_name = {n.split(".")[-1]: l for l in shape.linears for n in [l[0]]}
+    llama = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    if all(n in by_name for g in llama for n in g):
+        return [[by_name[n] for n in g] for g in llama]
+    return [[l] for l in shape.linears]
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: calibration hidden states in fp32, one block at a time in fp32, true-sequential
+    passes that replay recorded sub-module outputs, one GPTQ solver per linear group; everything not quantized
+    ends in `dtype` (float16 by default). On CPU the input is memory-mapped (a stage's input is loaded from its
+    safetensors checkpoint) and each finished block's replaced weights are paged out (page_out_mapped), so the
+    input's resident bytes fall block by block: the peak is then the first block's, not the last one's."""
+    memory.require_plain(state, NAME)
+    shape = state.shape
+    bits, g = cfg.bits, cfg.group_size
+    n, seq, batch = cfg.nsamples, cfg.seq_len, cfg.batch_size
+    out_dtype = memory.dtype_name(cfg.dtype)
+    skip = tuple(cfg.skip)
+    out = dataclasses.replace(state, format="gptq", bits=bits, group_size=g, dtype=out_dtype, skip=skip)
+    lin = out.quantized_linears()
+    h = shape.hidden
+    groups = _linear_groups(shape)
+    results = sum(i * o for _, i, o in lin) * 5                     # one block's Q (fp32) + codes (int8)
+    packed = memory.gptq_linear_bytes(lin, shape.layers, bits, g)          # accumulates: all of it by the last block
+    cast = out.float_numel() * memory.DTYPE_BYTES[out_dtype] if out_dtype != state.dtype else 0  # at the very end
+    block_copy = shape.layer_params * 4 if state.dtype != "float32" else 0  # the block computed in fp32
+    # replaced weights of every block but the last, paged out by the last block (CPU: memory-mapped input)
+    per_block = sum(i * o for _, i, o in lin) * memory.DTYPE_BYTES.get(state.dtype, 4) if where.kind == "cpu" else 0
+    released = -per_block * (shape.layers - 1)
+    first_packed = packed // max(shape.layers, 1)
+    if cfg.method == "rtn":
+        work = {"RTN transients (largest linear)": max(i * o for _, i, o in lin) * 4 * 4,  # W fp32, codes, Q, error
+                "block results (Q fp32 + codes)": results}
+        if block_copy:
+            work["fp32 copy of one block"] = block_copy
+        phases = {"first block": {**work, "packed output (one block)": first_packed},
+                  "last block": {**work, "packed output": packed, "input blocks paged out": released},
+                  "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
+                          "input blocks paged out": released - per_block}}
+        return memory.phased(phases, state, out)
+    # GPTQ. Phases, each with what is alive in it (the input model stays resident, less what is paged out):
+    #   start: the calibration text is read and tokenized, block 0's inputs captured;
+    #   first / last block: block inputs + outputs, the replayed sub-module outputs of the block, the solver of
+    #     its largest group (or, without replay, a full block forward), its results, the packed output so far;
+    #   end: the packed output, everything unquantized cast to `dtype`.
+    tokens = n * seq
+    spec = cfg.calibration or where.data.get("calibration")
+    io = 2 * tokens * h * 4
+    replay = 0
+    if len(groups) == 4 and cfg.true_sequential:
+        # what the passes keep, fp32: the inputs of o and down, whose modules (self_attn, mlp) return their output
+        # unchanged, so they replay as one matmul (_Tail); the stage checks the free memory for the recorded
+        # outputs the general scheme would keep (q,k,v + attention, then gate,up)
+        need = sum(o for grp in groups[:-1] for _, _, o in grp) * tokens * 4
+        if where.device_bytes is None or need <= where.device_bytes // 4:
+            replay = tokens * 4 * (groups[1][0][1] + groups[3][0][1])
+    # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, error terms ~ 8 R*C; H, its
+    # scaled and raw copies, Cholesky inverse ~ 5 C^2 (compress/algorithms/gptq.py)
+    solver = max((8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups)
+    forward = memory.inference_layer_bytes(shape, 4, batch, seq)
+    main = {"block inputs + outputs (fp32)": io}
+    if replay:
+        main["replayed sub-module inputs (fp32)"] = replay
+        main["GPTQ solver or batch forward (fp32), the larger"] = max(solver, forward)
+    else:
+        main["GPTQ solver or block forward (fp32), the larger"] = max(solver, forward)
+    main["block results (Q fp32 + codes)"] = results
+    if block_copy:
+        main["fp32 copy of one block"] = block_copy
+    phases = {
+        "start": {"calibration text": memory.data_bytes(shape, [(spec, "train")]) if spec else 0,
+                  "calibration tokens": tokens * 8, "block 0 inputs (fp32)": tokens * h * 4},
+        "first block": {**main, "packed output (one block)": first_packed},
+        "last block": {**main, "packed output": packed, "input blocks paged out": released},
+        "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
+                "input blocks paged out": released - per_block},
+    }
+    return memory.phased(phases, state, out)
+
+
+def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
+    """Smaller calibration work, or no calibration (RTN), when the stage does not fit."""
+    if cfg.method != "gptq":
+        return []
+    tips = []
+    if cfg.nsamples > 8:
+        tips.append(memory.Tip(f"nsamples: {cfg.nsamples // 2} (fewer calibration samples)", {"nsamples": cfg.nsamples // 2}))
+    if cfg.seq_len > 128:
+        tips.append(memory.Tip(f"seq_len: {cfg.seq_len // 2} (shorter calibration samples)", {"seq_len": cfg.seq_len // 2}))
+    if cfg.batch_size > 1:
+        b = max(1, cfg.batch_size // 4)
+        tips.append(memory.Tip(f"batch_size: {b} (sequences per block forward)", {"batch_size": b}))
+    tips.append(memory.Tip("method: rtn (no calibration, lower accuracy)", {"method": "rtn"}))
+    return tips
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def quantize_model(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | None = None) -> dict:
     """Replace the linears of every decoder block by QuantLinear (GPTQ with `tokens` [n, T], or RTN); return stats."""
     if cfg.method == "rtn":  # linear by linear, small temporaries between kept codes: keep RSS to live bytes
-        with memory.mmap_threshold():
+        with measure.mmap_threshold():
             return _quantize_blocks(model, cfg, ctx, None)
     return _quantize_blocks(model, cfg, ctx, tokens)
 
@@ -210,14 +314,14 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
         kept = {t.data_ptr() for t in block.state_dict().values()}
         # The replaced weights of a memory-mapped input (every stage input `compress run` loads on CPU) keep their
         # pages resident until the whole file is unmapped: hand them back (SmolLM2: 14 MiB per block).
-        memory.page_out_mapped([t for t in originals if t.data_ptr() not in kept])
+        measure.page_out_mapped([t for t in originals if t.data_ptr() not in kept])
         del originals
         if device.type == "cpu":
             # Give this block's freed transients back to the OS. A heap left fragmented by earlier work in the
             # process (a training stage, an evaluation) otherwise serves each block from other, not yet resident
             # free chunks, and RSS climbs layer by layer: RTN on SmolLM2 after two training steps grew 283 MiB
             # without this and 141 MiB with it (130 MiB in a fresh process; planner 138 MiB). ~30 calls, ms each.
-            memory.release_free_heap()
+            measure.release_free_heap()
         seconds = time.perf_counter() - t_layer
         layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
         if cfg.method == "gptq":

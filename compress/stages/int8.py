@@ -20,11 +20,13 @@ LLM.int8() is slower than 16-bit matmuls for small models: it saves memory, not 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from compress import memory
 from compress.algorithms import int8 as core
 from compress.context import Context
 from compress.errors import CompressError
@@ -76,12 +78,12 @@ def calibration_tokens(tokenizer, cfg: Config, ctx: Context) -> torch.Tensor | N
 def run(model, tokenizer, cfg: Config, ctx: Context):
     """Quantize the model's linears with LLM.int8(); return (model, stats).
 
-    Under compress.memory.mmap_threshold: linear by linear, its fp16 copies and int8 kernels' buffers are small
+    Under compress.measure.mmap_threshold: linear by linear, its fp16 copies and int8 kernels' buffers are small
     allocations between the kept int8 weights, which glibc would otherwise keep in RSS (3.4x the live bytes).
     """
-    from compress import memory
+    from compress import measure
 
-    with memory.mmap_threshold():
+    with measure.mmap_threshold():
         return _run(model, tokenizer, cfg, ctx)
 
 
@@ -133,3 +135,43 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
     }
     ctx.log(f"int8: {stats['outliers']['total_outlier_dims']} outlier input dims over {len(names)} linears")
     return model, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+# Importing bitsandbytes 0.50 (its native library, triton stubs) into a process that already runs a model:
+# +43.5 MiB RSS, measured twice on torch 2.13 CPU. Host memory only: nothing on a CUDA device.
+BNB_IMPORT_BYTES = 44 * memory.MiB
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: each linear quantized from an fp16 copy (bitsandbytes), the rest cast to
+    `dtype`, then `calibration_samples` forward passes of seq_len tokens for outlier statistics."""
+    memory.require_plain(state, NAME)
+    shape = state.shape
+    out_dtype = memory.dtype_name(cfg.dtype)
+    out = dataclasses.replace(state, format="bnb-int8", dtype=out_dtype, skip=tuple(cfg.skip))
+    lin = out.quantized_linears()
+    i_max, o_max = max(((i, o) for _, i, o in lin), key=lambda t: t[0] * t[1])
+    terms = {
+        "int8 weights + row scales": shape.layers * sum(i * o + 4 * o for _, i, o in lin),
+        "fp16 copy of one linear + quantize temporaries": i_max * o_max * (2 + 2 + 1),
+    }
+    if out_dtype != state.dtype:
+        terms[f"unquantized weights in {out_dtype}"] = out.float_numel() * memory.DTYPE_BYTES[out_dtype]
+    if where.kind == "cpu" and "bitsandbytes" not in where.loaded:
+        terms["bitsandbytes library (first import)"] = BNB_IMPORT_BYTES
+    if cfg.calibration_samples > 0 and where.data.get("calibration"):
+        seq, a = cfg.seq_len, memory.DTYPE_BYTES[out_dtype]
+        terms["calibration text"] = memory.data_bytes(shape, [(where.data["calibration"], "train")])
+        terms["outlier pass: logits"] = seq * shape.vocab * a
+        terms["outlier pass: layer + int8 matmul"] = memory.inference_layer_bytes(shape, a, 1, seq) + seq * (3 * i_max + 4 * o_max)
+    return memory.Parts(terms, state.weights_bytes(), out, loads=("bitsandbytes",))
+
+
+def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
+    """No outlier statistics when the stage does not fit (they are for the manifest only)."""
+    if cfg.calibration_samples > 0:
+        return [memory.Tip("calibration_samples: 0 (no outlier statistics)", {"calibration_samples": 0})]
+    return []

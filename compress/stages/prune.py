@@ -29,12 +29,13 @@ pruning head_dim, models other than Llama / Mistral / Qwen2 decoders, quantized 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
-from compress import train
+from compress import memory, train
 from compress.algorithms import shear
 from compress.errors import CompressError
 
@@ -207,3 +208,59 @@ def _gap(shearer: shear.Shearer) -> float:
     final = shearer.final_fractions()
     with torch.no_grad():
         return max((abs(s.mean().item() - final[n]) for n, s in shearer.expected_fractions().items()), default=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: the full model's weights train with hard-concrete masks (applied by hooks to
+    head outputs, the MLP intermediate and every hidden-state write), then the pruned model is materialised."""
+    memory.require_plain(state, NAME)
+    shape, a = state.shape, state.act_bytes
+    batch, seq = cfg.batch_size, cfg.seq_len
+    terms = memory.training_terms(shape, a, batch, seq, memory.autocast("auto", where.kind))  # fit's default
+    terms["mask activations"] = batch * seq * shape.layers * a * (3 * shape.hidden + shape.intermediate)
+    domains = memory.text_domains(cfg.data, where.data.get("train"))
+    terms["training text"] = memory.data_bytes(shape, [(d, "train") for d in domains])
+    pruned = _prune_target(shape, cfg.target)
+    terms["pruned model"] = (pruned.params + pruned.float_buffers) * a
+    return memory.Parts(terms, state.weights_bytes(), dataclasses.replace(state, shape=pruned))
+
+
+def _prune_target(shape: memory.ModelShape, target) -> memory.ModelShape:
+    """The pruned shape as compress/algorithms/shear.py resolves a target: a dict of layers/hidden/heads/
+    kv_heads/intermediate (missing = kept), or a parameter count (<1: a fraction of the model's)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**{k: v for k, v in shape.config.items() if k != "quantization_config"})
+    if isinstance(target, dict):
+        t = shear.resolve_target(shear.Shape.of(config), target)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        t = shear.derive_shape(model, int(target * shape.params) if target < 1 else int(target))
+    return _pruned_shape(shape, dataclasses.asdict(t))
+
+
+def _pruned_shape(shape: memory.ModelShape, target: dict) -> memory.ModelShape:
+    changes = {}
+    if "layers" in target:
+        changes["num_hidden_layers"] = int(target["layers"])
+    if "hidden" in target:
+        changes["hidden_size"] = int(target["hidden"])
+    if "intermediate" in target:
+        changes["intermediate_size"] = int(target["intermediate"])
+    if "heads" in target:
+        heads = int(target["heads"])
+        changes["num_attention_heads"] = heads
+        changes["num_key_value_heads"] = int(target.get("kv_heads", min(shape.kv_heads, heads)))
+    if changes and "head_dim" not in shape.config and shape.model_type != "bert":
+        changes["head_dim"] = shape.head_dim   # pruning heads keeps each head's size
+    return shape.with_changes(**changes) if changes else shape
+
+
+def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
+    return memory.training_tips(cfg, state, kind, fits)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress import memory
 from compress import train as engine
 from compress.errors import CompressError
 
@@ -176,3 +177,25 @@ def _reference(cfg: Config, ctx, initial: dict, val_blocks: dict, device) -> tup
     losses = engine.domain_losses(ref_model, val_blocks, cfg.batch_size)
     del ref_model
     return losses, cfg.reference_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model (compress/planner.py runs it)
+
+
+def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """This stage's memory: full training of the input in its dtype (compress/train.py), the train and
+    validation splits of every domain, and the reference model when it is an earlier stage's."""
+    memory.require_plain(state, NAME)
+    terms = memory.training_terms(state.shape, state.act_bytes, cfg.batch_size, cfg.seq_len,
+                                  memory.autocast(cfg.mixed_precision, where.kind))
+    domains = memory.text_domains(cfg.domains, where.data.get("train"))
+    terms["training text"] = memory.data_bytes(state.shape, [(d, sp) for sp in ("train", "validation") for d in domains])
+    ref = cfg.reference_model
+    if ref != "input" and ref in where.states and where.states[ref] is not where.input:
+        terms["reference model"] = where.states[ref].weights_bytes()
+    return memory.Parts(terms, state.weights_bytes(), state)
+
+
+def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
+    return memory.training_tips(cfg, state, kind, fits)

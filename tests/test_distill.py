@@ -21,13 +21,6 @@ from compress.tiny import build
 from conftest import TINY_BERT, TINY_LLAMA
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _ids(n=2, t=24, seed=0):
     return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))

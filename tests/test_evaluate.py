@@ -347,21 +347,3 @@ def test_minilm_agreement_with_itself_and_a_perturbed_copy(monkeypatch):
             p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
     vs = evaluate.run(noisy, tok, cfg, "cpu", base_model=model)["accuracy"]["agreement"]["zoo:austen"]
     assert 0.0 < vs["spearman"] < 0.999 and vs["mean_cosine"] < 0.999
-
-
-def test_report_shows_encoder_agreement(tmp_path):
-    """A run of a bare encoder has no perplexity: the report's table carries its agreement per eval set."""
-    from compress import report
-
-    run = tmp_path / "enc"
-    for i, (folder, rho) in enumerate([("00-base", 1.0), ("01-distill", 0.8371)]):
-        (run / folder).mkdir(parents=True)
-        m = {"stage": "base" if i == 0 else "distill", "name": folder[3:], "index": i, "folder": folder,
-             "complete": True, "size": {"params": 10}, "memory": {},
-             "accuracy": {"agreement": {"zoo:austen": {"spearman": rho, "mean_cosine": 0.9}}}}
-        (run / folder / "manifest.json").write_text(json.dumps(m))
-    rows = report.collect([run])
-    head, cells = report.table(rows)
-    col = head.index("agreement zoo:austen")
-    assert [c[col] for c in cells] == ["1.000", "0.837"]
-    assert not any(h.startswith("ppl ") for h in head)

@@ -17,14 +17,6 @@ from compress.modeling import decoder_layers, linears, sequential_groups
 from compress.stages import gptq as stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is 10-50x faster than two on the shared, oversubscribed 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
     """[n, d] inputs with strongly correlated features and uneven scales (as real activations have)."""

@@ -1,45 +1,19 @@
-"""The spine: YAML -> validated pipeline -> stages -> checkpoints + manifests, resume, branches, bad input."""
+"""The spine: YAML -> validated pipeline -> stages -> checkpoints + manifests, resume, branches, evaluation.
+(The command line's own checks are in test_cli.py, checkpoint formats in test_checkpoint.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from compress import checkpoint, config, manifest, pipeline
-from compress.cli import main
-from compress.errors import CompressError
 
-from conftest import REPO, TINY_LLAMA
-
-
-def write_pipeline(tmp_path: Path, body: str, name: str = "p.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(textwrap.dedent(body))
-    return p
-
-
-SMOKE = f"""
-name: smoke
-model: tiny:{TINY_LLAMA}
-seed: 0
-stages:
-  - cast: {{dtype: bfloat16}}
-  - cast: {{dtype: float16, from: base, name: fp16}}
-"""
-
-
-def cli(*args, cwd: Path | None = None):
-    runner = CliRunner()
-    return runner.invoke(main, list(args), catch_exceptions=False)
+from conftest import SMOKE, TINY_LLAMA, cli, write_pipeline
 
 
 def test_end_to_end_run_writes_base_and_stages(tmp_path):
@@ -63,6 +37,7 @@ def test_end_to_end_run_writes_base_and_stages(tmp_path):
     assert not list(run.glob(".tmp-*")) and not list(run.glob(".work-*"))
 
 
+
 def test_cast_halves_disk_size_and_keeps_logits(tmp_path):
     p = write_pipeline(tmp_path, SMOKE)
     pipeline.run(config.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
@@ -79,6 +54,7 @@ def test_cast_halves_disk_size_and_keeps_logits(tmp_path):
     assert checkpoint.max_rel_error(checkpoint.outputs(m32, ids), checkpoint.outputs(m16, ids)) < 0.05
 
 
+
 def test_rerun_skips_every_stage_and_force_redoes(tmp_path):
     p = write_pipeline(tmp_path, SMOKE)
     pipe = config.load(p)
@@ -90,6 +66,7 @@ def test_rerun_skips_every_stage_and_force_redoes(tmp_path):
     assert r.output.count("skipped") >= 3
     forced = pipeline.run(pipe, out_root=tmp_path, force=True, log=lambda m: None, quiet=True)
     assert [r.status for r in forced] == ["done"] * 3
+
 
 
 def test_until_stops_after_a_stage_and_a_rerun_goes_on(tmp_path):
@@ -105,6 +82,7 @@ def test_until_stops_after_a_stage_and_a_rerun_goes_on(tmp_path):
     assert bad.exit_code != 0 and "no stage of that name" in bad.output and "base, cast, fp16" in bad.output
 
 
+
 def test_changed_config_redoes_that_stage_and_its_dependants_only(tmp_path):
     body = SMOKE + "  - cast: {dtype: float32, name: back}\n"
     p = write_pipeline(tmp_path, body)
@@ -113,6 +91,7 @@ def test_changed_config_redoes_that_stage_and_its_dependants_only(tmp_path):
                                                "{dtype: bfloat16, from: base, name: fp16}"))
     res = pipeline.run(config.load(p2), out_root=tmp_path, log=lambda m: None, quiet=True)
     assert [r.status for r in res] == ["skipped", "skipped", "done", "done"]
+
 
 
 def test_branch_from_base_and_from_named_stage(tmp_path):
@@ -130,9 +109,11 @@ def test_branch_from_base_and_from_named_stage(tmp_path):
     assert fp16["input"]["hash"] == base["output_hash"]
 
 
+
 def test_from_by_index(tmp_path):
     p = write_pipeline(tmp_path, SMOKE + "  - cast: {dtype: float32, from: 1}\n")
     assert config.load(p).stages[-1].source == "cast"
+
 
 
 def test_include_preset_with_local_override(tmp_path):
@@ -147,6 +128,7 @@ def test_include_preset_with_local_override(tmp_path):
     pipe = config.load(p)
     assert [s.config.dtype for s in pipe.stages] == ["float16", "bfloat16", "float16"]
     assert pipe.name == "p"  # defaults to the file's stem
+
 
 
 def test_exception_midway_keeps_earlier_stages_and_rerun_redoes_it(tmp_path, monkeypatch):
@@ -173,6 +155,7 @@ def test_exception_midway_keeps_earlier_stages_and_rerun_redoes_it(tmp_path, mon
     assert [r.status for r in res] == ["skipped", "skipped", "done"]
 
 
+
 KILLER = """
 import os, signal, sys
 from compress import config, pipeline
@@ -194,6 +177,7 @@ pipeline.run(config.load(sys.argv[1]), out_root=sys.argv[2], log=lambda m: None,
 """
 
 
+
 @pytest.mark.parametrize("where", ["stage", "save"])
 def test_sigkill_midway_leaves_nothing_complete_and_rerun_recovers(tmp_path, where):
     p = write_pipeline(tmp_path, SMOKE)
@@ -210,6 +194,7 @@ def test_sigkill_midway_leaves_nothing_complete_and_rerun_recovers(tmp_path, whe
     assert not list(run.glob(".tmp-*"))
 
 
+
 def test_corrupt_manifest_counts_as_unfinished(tmp_path):
     p = write_pipeline(tmp_path, SMOKE)
     pipe = config.load(p)
@@ -218,136 +203,6 @@ def test_corrupt_manifest_counts_as_unfinished(tmp_path):
     res = pipeline.run(pipe, out_root=tmp_path, log=lambda m: None, quiet=True)
     assert [r.status for r in res] == ["skipped", "done", "skipped"]
 
-
-# ------------------------------------------------------------------------------------------ bad input
-
-
-BAD = {
-    "unknown_stage": ("stages:\n  - squash: {}\n", "unknown stage 'squash'; valid stages: cast, "),
-    "unknown_key": ("stages:\n  - cast: {dtyp: bfloat16}\n", "unknown key 'dtyp'; valid keys: dtype"),
-    "bad_value": ("stages:\n  - cast: {dtype: int3}\n", "cast.dtype must be one of"),
-    "wrong_type": ("stages:\n  - cast: {dtype: 16}\n", "dtype must be a string, got 16"),
-    "unknown_top_key": ("stagez: []\n", "unknown key 'stagez'"),
-    "bad_seed": ("seed: abc\n", "seed must be an integer"),
-    "bad_from": ("stages:\n  - cast: {from: later}\n", "from: 'later' is not base or an earlier stage"),
-    "stage_not_mapping": ("stages:\n  - cast: 3\n", "settings must be a mapping"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case):
-    body, message = BAD[case]
-    p = write_pipeline(tmp_path, f"name: bad\nmodel: tiny:{TINY_LLAMA}\n" + body)
-    out = tmp_path / "runs"
-    r = CliRunner().invoke(main, ["run", str(p), "--out", str(out)])
-    assert r.exit_code == 2, r.output
-    assert message in r.output
-    assert r.output.strip().count("\n") == 0 and r.output.startswith("error: ")
-    assert "Traceback" not in r.output
-    assert not out.exists()
-
-
-def test_yaml_syntax_error_names_line_and_column(tmp_path):
-    p = write_pipeline(tmp_path, "name: x\nmodel: tiny:a.json\nstages:\n  - cast: {dtype: bfloat16\n")
-    r = CliRunner().invoke(main, ["run", str(p)])
-    assert r.exit_code == 2
-    assert f"{p}:5:1: YAML syntax error" in r.output or f"{p}:4:" in r.output
-    assert r.output.count("\n") == 1
-
-
-def test_missing_model_offline_fails_at_once(tmp_path, monkeypatch):
-    import time
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    p = write_pipeline(tmp_path, "name: x\nmodel: nobody/no-such-model\nstages: [cast]\n")
-    t0 = time.time()
-    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "runs")])
-    assert r.exit_code == 2
-    assert "nobody/no-such-model" in r.output and "offline" in r.output
-    assert time.time() - t0 < 10
-    assert not (tmp_path / "runs").exists()
-
-
-def test_model_path_that_is_not_a_model(tmp_path):
-    (tmp_path / "empty").mkdir()
-    p = write_pipeline(tmp_path, f"name: x\nmodel: {tmp_path / 'empty'}\n")
-    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "runs")])
-    assert r.exit_code == 2 and "has no config.json" in r.output
-
-
-def test_unwritable_output_folder(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    p = write_pipeline(tmp_path, SMOKE)
-    r = CliRunner().invoke(main, ["run", str(p), "--out", str(blocker / "sub")])
-    assert r.exit_code == 2 and "cannot be written" in r.output
-
-
-def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_llama):
-    model, tok = tiny_llama
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # a legacy pickled checkpoint
-    tok.save_pretrained(folder)
-    assert not list(folder.glob("*.safetensors"))
-    with pytest.raises(CompressError, match="pickled weights"):
-        checkpoint.load(folder)
-    p = write_pipeline(tmp_path, f"name: pk\nmodel: {folder}\nallow_pickle: true\nstages: [cast]\n")
-    res = pipeline.run(config.load(p), out_root=tmp_path / "runs", log=lambda m: None, quiet=True)
-    assert [r.status for r in res] == ["done", "done"]
-    assert list((tmp_path / "runs" / "pk" / "00-base").glob("*.safetensors"))
-
-
-def test_round_trip_catches_an_unfaithful_save(tmp_path, tiny_llama, monkeypatch):
-    model, tok = tiny_llama
-    folder = tmp_path / "ck"
-    checkpoint.save(model, tok, folder)
-    assert checkpoint.round_trip(model, folder, "cpu")[0]["max_rel_error"] == 0.0
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # the in-memory model no longer matches the files
-    with pytest.raises(CompressError, match="round-trip check failed"):
-        checkpoint.round_trip(model, folder, "cpu")
-
-
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_llama):
-    model, tok = tiny_llama
-    folder = tmp_path / "ck"
-    checkpoint.save(model, tok, folder)
-    (folder / "model.safetensors").write_bytes(b"garbage" * 10)
-    with pytest.raises(CompressError, match="cannot load checkpoint"):
-        checkpoint.load(folder)
-
-
-def test_dry_run_validates_without_writing(tmp_path):
-    p = write_pipeline(tmp_path, SMOKE)
-    r = CliRunner().invoke(main, ["run", str(p), "--dry-run", "--out", str(tmp_path / "runs")])
-    assert r.exit_code == 0 and "01-cast (cast from base)" in r.output
-    assert not (tmp_path / "runs").exists()
-
-
-def test_stages_command_lists_fields_and_docs():
-    r = CliRunner().invoke(main, ["stages"])
-    assert r.exit_code == 0
-    assert "cast:" in r.output and "dtype = 'bfloat16'" in r.output and "float32 | float16 | bfloat16" in r.output
-
-
-@pytest.mark.parametrize("cmd", [[], ["run"], ["stages"]])
-def test_help_teaches_with_an_example(cmd):
-    r = CliRunner().invoke(main, cmd + ["--help"])
-    assert r.exit_code == 0 and "compress run" in r.output or "compress stages" in r.output
-
-
-def test_repo_artifacts_stay_clean():
-    """Tests write only under tmp_path: nothing appears in the repo's artifacts/ (the user's runs may be there)."""
-    from conftest import ARTIFACTS_AT_START
-
-    names = {p.name for p in (REPO / "artifacts").iterdir()}
-    assert "README.md" in names and names <= ARTIFACTS_AT_START | {"README.md"}
-
-
-# ------------------------------------------------------------------------------------------ evaluation
 
 
 def eval_pipeline(tmp_path, text_file, extra_stages="", max_tokens=2048):
@@ -359,6 +214,7 @@ def eval_pipeline(tmp_path, text_file, extra_stages="", max_tokens=2048):
       - cast: {{dtype: bfloat16}}
     {extra_stages}
     """)
+
 
 
 def test_eval_block_scores_base_and_every_stage_with_protocol(tmp_path, text_file):
@@ -375,6 +231,7 @@ def test_eval_block_scores_base_and_every_stage_with_protocol(tmp_path, text_fil
     assert abs(c / b - 1) < 0.05
 
 
+
 def test_changing_only_eval_reevaluates_without_redoing_stages(tmp_path, text_file):
     pipeline.run(config.load(eval_pipeline(tmp_path, text_file)), out_root=tmp_path, log=lambda m: None, quiet=True)
     before = manifest.read(tmp_path / "ev" / "01-cast")
@@ -385,6 +242,7 @@ def test_changing_only_eval_reevaluates_without_redoing_stages(tmp_path, text_fi
     assert after["output_hash"] == before["output_hash"] and after["seconds"] == before["seconds"]
     assert after["accuracy"]["perplexity"][str(text_file)]["protocol"]["n_tokens"] < \
         before["accuracy"]["perplexity"][str(text_file)]["protocol"]["n_tokens"]
+
 
 
 def test_eval_stage_records_without_copying_weights(tmp_path, text_file):
@@ -401,28 +259,3 @@ def test_eval_stage_records_without_copying_weights(tmp_path, text_file):
     again = pipeline.run(config.load(p), out_root=tmp_path, log=lambda m: None, quiet=True)
     assert [r.status for r in again] == ["skipped"] * 4
 
-
-def test_stage_predicted_not_to_fit_is_refused_before_work_unless_forced(tmp_path, monkeypatch):
-    from compress import memory
-
-    small = memory.Device("test-device", "cpu", 300 * 2**20)  # below the planner's fixed CPU process overhead
-    monkeypatch.setattr(memory, "machine", lambda device: small)
-    p = write_pipeline(tmp_path, SMOKE)
-    out = tmp_path / "runs"
-    r = CliRunner().invoke(main, ["run", str(p), "--out", str(out), "-q"])
-    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    assert "predicted not to fit" in r.output and "test-device" in r.output and "--force" in r.output
-    assert not out.exists()  # refused before anything was written
-    r = cli("run", str(p), "--out", str(out), "-q", "--force")
-    assert r.exit_code == 0 and manifest.read(out / "smoke" / "02-fp16") is not None
-
-
-def test_run_writes_a_report_and_prints_the_table(tmp_path, text_file):
-    p = write_pipeline(tmp_path, SMOKE + f"eval: {{perplexity: [{text_file}], seq_len: 32, max_tokens: 256}}\n")
-    r = cli("run", str(p), "--out", str(tmp_path / "runs"), "-q")
-    assert r.exit_code == 0, r.output
-    run = tmp_path / "runs" / "smoke"
-    assert (run / "report.md").is_file() and (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    head = r.stdout.splitlines()[0].split()
-    assert head[:2] == ["stage", "status"] and "ppl" in head
-    assert "02-fp16  done" in r.stdout and "(x" in r.stdout  # eval speed relative to the base model

@@ -20,14 +20,6 @@ from compress.stages import train as train_stage
 from conftest import REPO, TEXT, TINY_LLAMA
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~30x slower when two intra-op threads fight over a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Killed(Exception):
     """Stands in for the process dying mid-stage."""

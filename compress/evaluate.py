@@ -138,9 +138,9 @@ def _quant_method(model) -> str | None:
 def upcast_float16_on_cpu(model, device) -> str | None:
     """On a CPU, compute a float16 model in float32, in place; return "float16" when it did, else None.
 
-    CPUs have no fast float16 matmul (measured here: 3.7x slower than float32, 8.5x slower than bfloat16), and
-    every float16 value is exact in float32, so the weights are unchanged; activations get float32 precision,
-    as CPU runtimes (llama.cpp, ONNX Runtime) compute float16 models. Protocols record it as stored_dtype.
+    CPUs have no fast float16 matmul (several times slower than float32 or bfloat16), and every float16 value
+    is exact in float32, so the weights are unchanged; activations get float32 precision, as CPU runtimes
+    (llama.cpp, ONNX Runtime) compute float16 models. Protocols record it as stored_dtype.
     bitsandbytes int8 models are left as they are (their kernels choose their own compute dtype).
     """
     if torch.device(device).type != "cpu" or _quant_method(model) not in (None, "gptq"):

@@ -62,15 +62,13 @@ class Source:
 def resolve(spec: str, *, seed: int = 0, allow_pickle: bool = False, trust_remote_code: bool = False) -> Source:
     """A Source for `spec`, or one line saying why it cannot be had (before any work starts)."""
     if spec.startswith("tiny:"):
+        from compress import tiny
+
         path = Path(spec[5:])
         path = path if path.is_file() else REPO / path
         if not path.is_file():
             raise CompressError(f"model {spec!r}: tiny config {spec[5:]} not found")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CompressError(f"model {spec!r}: {path} is not valid JSON: {e}") from None
-        return Source(spec, path, True, config, seed=seed)
+        return Source(spec, path, True, tiny.read_config(path), seed=seed)
     folder = folder_of(spec)
     config = checkpoint.check_folder(folder, allow_pickle)
     return Source(spec, folder, False, config, seed=seed, allow_pickle=allow_pickle,

@@ -48,11 +48,8 @@ def _byte_of(ch: str) -> int:
     return others[code - 256]
 
 
-def build(config_path: str | Path, seed: int = 0):
-    """Build (model, tokenizer) from a config.json with seeded random weights.
-
-    The head is chosen from the config's `architectures` (…ForCausalLM, …ForMaskedLM, else a bare model).
-    """
+def read_config(config_path: str | Path) -> dict:
+    """The config.json of a tiny model as a dict, or a one-line error."""
     path = Path(config_path)
     if not path.is_file():
         raise CompressError(f"tiny model config not found: {path}")
@@ -62,6 +59,16 @@ def build(config_path: str | Path, seed: int = 0):
         raise CompressError(f"tiny model config {path} is not valid JSON: {e}") from None
     if "model_type" not in raw:
         raise CompressError(f"tiny model config {path} has no 'model_type'")
+    return raw
+
+
+def build(config_path: str | Path, seed: int = 0):
+    """Build (model, tokenizer) from a config.json with seeded random weights.
+
+    The head is chosen from the config's `architectures` (…ForCausalLM, …ForMaskedLM, else a bare model).
+    """
+    path = Path(config_path)
+    raw = read_config(path)
     config = AutoConfig.for_model(**raw)
     arch = (raw.get("architectures") or [""])[0]
     auto = AutoModelForCausalLM if arch.endswith("ForCausalLM") else (

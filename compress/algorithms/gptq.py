@@ -24,10 +24,9 @@ GPTQModel and vLLM. Per quantized linear with in_features K, out_features N, G =
     W[n, k] = scales[g_idx[k], n] * (code[k, n] - zero[g_idx[k], n]),  zero = (stored + 1) & maxq
 A last partial group (SmolLM2: 576 inputs with group 128 -> 4 groups of 128 and one of 64) is an ordinary group.
 A group's parameters come from its weights as the current block (`blocksize` columns) began, as in the
-reference: a group that starts inside a block does not see the block's earlier updates. At group 64 on
-SmolLM2-135M that measured 42.63 / 50.47 (Austen / Shakespeare perplexity) against 42.99 / 50.46 with the
-updated weights (bench/gptq_vs_peers.py); with group_size >= blocksize groups start with blocks and nothing
-changes.
+reference: a group that starts inside a block does not see the block's earlier updates (it scored better at
+group 64 on SmolLM2-135M: bench/results/gptq_vs_peers.md); with group_size >= blocksize groups start with
+blocks and nothing changes.
 
 Choices that differ from the reference, each for the format's sake:
 - scales are rounded to fp16 before the codes are chosen, so GPTQ's error feedback sees the weights the

@@ -313,14 +313,13 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
         block.to(home)
         kept = {t.data_ptr() for t in block.state_dict().values()}
         # The replaced weights of a memory-mapped input (every stage input `compress run` loads on CPU) keep their
-        # pages resident until the whole file is unmapped: hand them back (SmolLM2: 14 MiB per block).
+        # pages resident until the whole file is unmapped: hand them back.
         measure.page_out_mapped([t for t in originals if t.data_ptr() not in kept])
         del originals
         if device.type == "cpu":
             # Give this block's freed transients back to the OS. A heap left fragmented by earlier work in the
             # process (a training stage, an evaluation) otherwise serves each block from other, not yet resident
-            # free chunks, and RSS climbs layer by layer: RTN on SmolLM2 after two training steps grew 283 MiB
-            # without this and 141 MiB with it (130 MiB in a fresh process; planner 138 MiB). ~30 calls, ms each.
+            # free chunks, and RSS climbs layer by layer (bench/results/memory.md). One call per block, ms each.
             measure.release_free_heap()
         seconds = time.perf_counter() - t_layer
         layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
@@ -374,9 +373,8 @@ class _Tail:
     recorded per batch during the linear's own GPTQ pass, so the output is one matmul away once it is quantized.
     Llama: self_attn = o_proj(recorded input), mlp = down_proj(recorded input); attention, rotary embeddings and
     gate/up never run again for the block, and what is kept is o_proj's and down_proj's inputs (h + I per token)
-    instead of q/k/v, the attention output and gate/up outputs (2h + 2kvd, then h + 2I). Measured on SmolLM2-135M,
-    32 x 512 calibration tokens, one process: peak RSS 1.03 -> 0.86 GiB (VmHWM); with the row-strip Hessian and
-    the early stop of _gptq_pass as well, 103 -> 82 s; the same per-layer errors to the last printed digit."""
+    instead of q/k/v, the attention output and gate/up outputs (2h + 2kvd, then h + 2I): less memory and less
+    time for the same codes (bench/results/gptq_vs_peers.md)."""
 
     def __init__(self, name: str, pos: int, length: int):
         self.name, self.pos, self.length = name, pos, length  # the linear (block-relative name), output position

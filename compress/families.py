@@ -235,7 +235,7 @@ FAMILY_LIST = [
                                head_dim_free=False),
            ffn=FFN(path="", up="intermediate.dense", down="output.dense", gate=None), norm="layer",
            norms={"attn_out": "attention.output.LayerNorm", "ffn_out": "output.LayerNorm"},
-           keys=Keys(kv_heads=None, head_dim=None), layer_lists=(),
+           keys=Keys(kv_heads=None, head_dim=None),
            prune="an encoder: Sheared-LLaMA prunes causal language models (use distill for encoders)"),
 ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import re
@@ -18,7 +20,7 @@ from compress.context import Context
 from compress.errors import CompressError
 from compress.stages import distill
 from compress.tiny import build
-from conftest import TINY_BERT, TINY_LLAMA
+from conftest import REPO, TINY_BERT, TINY_LLAMA
 
 
 
@@ -134,14 +136,12 @@ def _layer_of(name: str) -> tuple[str, int, str] | None:
 @pytest.mark.parametrize("which", ["llama", "bert"])
 def test_student_init_copies_exactly_the_chosen_layers(init, which, tiny_llama, tiny_bert):
     teacher, _ = tiny_llama if which == "llama" else tiny_bert
-    teacher.config.layer_types = ["full_attention"] * 4  # per-layer config lists (the second one made up)
-    teacher.config.per_layer_tag = [f"tag{i}" for i in range(4)]
+    teacher.config.layer_types = ["full_attention"] * 4  # a per-layer config list
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student, idx, sliced = distill.build_student(teacher, 2, init)
-    assert idx == kd.select_layers(4, 2, init) and sliced == ["layer_types", "per_layer_tag"]
+    assert idx == kd.select_layers(4, 2, init) and sliced == ["layer_types"]
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
-    assert student.config.layer_types == ["full_attention"] * 2
-    assert student.config.per_layer_tag == [f"tag{j}" for j in idx] and len(teacher.config.per_layer_tag) == 4
+    assert student.config.layer_types == ["full_attention"] * 2 and len(teacher.config.layer_types) == 4
     t_state, s_state = teacher.state_dict(), student.state_dict()
     assert all(torch.equal(before[k], t_state[k]) for k in before)  # the teacher is untouched
     for name, value in s_state.items():
@@ -157,6 +157,42 @@ def test_student_init_copies_exactly_the_chosen_layers(init, which, tiny_llama, 
         assert student.lm_head.weight is student.model.embed_tokens.weight  # still tied
         with torch.no_grad():
             student(input_ids=_ids())
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3-moe", "qwen2"])
+def test_student_keeps_per_layer_config_consistent(name, tmp_path):
+    """Gemma 3's sliding/full pattern and Qwen3-MoE's dense-layer indices follow the kept layers: the student is
+    the teacher's kept layers exactly (same logits as running them), and loads with plain from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    teacher, _ = build(REPO / "configs" / "models" / f"tiny-{name}.json", seed=0)
+    kept = kd.select_layers(len(teacher.model.layers), 3, "alternate")
+    if name == "qwen3-moe":  # the second kept layer dense: its index must follow
+        teacher.config.mlp_only_layers = [kept[1]]
+        teacher = type(teacher)(teacher.config).eval()
+    student, idx, sliced = distill.build_student(teacher, 3, "alternate")
+    assert idx == kept
+    cfg = teacher.config.to_dict()
+    if cfg.get("layer_types"):
+        assert student.config.layer_types == [cfg["layer_types"][i] for i in kept] and "layer_types" in sliced
+    if name == "qwen3-moe":
+        assert student.config.mlp_only_layers == [1] and "mlp_only_layers" in sliced
+    short = copy.deepcopy(teacher)
+    short.model.layers = torch.nn.ModuleList([short.model.layers[i] for i in kept])
+    for j, layer in enumerate(short.model.layers):
+        for m in layer.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = j
+    short.config = short.model.config = student.config
+    x = _ids()
+    with torch.no_grad():
+        ref = short(input_ids=x, use_cache=False).logits
+        out = student(input_ids=x, use_cache=False).logits
+    assert (out - ref).abs().max() <= 1e-5
+    student.save_pretrained(tmp_path / "s")
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "s")(input_ids=x, use_cache=False).logits
+    assert (again - out).abs().max() <= 1e-5
 
 
 def test_full_depth_student_computes_what_the_teacher_computes(tiny_llama):
@@ -275,7 +311,8 @@ def test_prune_then_distill_from_the_original_pipeline(tmp_path, text_file):
         data: {{train: [{text_file}]}}
         eval: {{perplexity: [{text_file}], seq_len: 32, max_tokens: 256, speed: false}}
         stages:
-          - prune: {{target: {{layers: 3, hidden: 48, heads: 2, intermediate: 96}}, steps: 4, batch_size: 2, seq_len: 32}}
+          - prune: {{target: {{layers: 3, hidden: 48, heads: 2, intermediate: 96}}, steps: 4, batch_size: 2, seq_len: 32,
+                     multiple_of: 16}}
           - distill: {{teacher: base, tokens: 2048, batch_size: 2, seq_len: 32, eval_tokens: 128, lr: 1.0e-3}}
         """)
     base, pruned, dist = (manifest.read(run / f) for f in ("00-base", "01-prune", "02-distill"))

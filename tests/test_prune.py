@@ -1,4 +1,5 @@
-"""Sheared-LLaMA pruning: hard-concrete masks, Lagrangian, masked forward, materialisation, the prune stage."""
+"""Sheared-LLaMA pruning: hard-concrete masks, Lagrangian, masked forward and materialisation on every family that
+supports it, shapes that deploy, the prune stage."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compress.algorithms import shear
+from compress import families
+from compress.algorithms import shear, shear_model
 from compress.context import Context
 from compress.errors import CompressError
 from compress.stages import prune
+
+from conftest import REPO
+
+PRUNABLE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi", "olmo2", "granite", "mixtral",
+            "qwen3-moe"]
+REFUSED = ["stablelm", "gpt-neox", "falcon", "gpt2", "opt"]
 
 
 def _ids(n=2, t=24, seed=0):
@@ -27,7 +35,7 @@ def _random_gates(shearer, seed=1):
 
 
 def _masked_logits(model, masks, x):
-    with shear.MaskedForward(model) as mf, torch.no_grad():
+    with shear_model.MaskedForward(model) as mf, torch.no_grad():
         mf.masks = masks
         return model(input_ids=x).logits
 
@@ -83,7 +91,7 @@ def test_materialized_equals_masked_and_hits_target(tiny_llama, target, tmp_path
     masks = shearer.deterministic()
     x = _ids()
     masked = _masked_logits(model, masks, x)
-    small = shear.materialize(model, masks)
+    small = shear_model.materialize(model, masks)
     with torch.no_grad():
         out = small(input_ids=x).logits
     assert (out - masked).abs().max().item() <= 1e-5 * max(1.0, masked.abs().max().item())
@@ -124,7 +132,7 @@ def test_other_llama_family_decoders(model_type, tied, tmp_path):
     masks = shearer.deterministic()
     x = _ids()
     masked = _masked_logits(model, masks, x)
-    small = shear.materialize(model, masks)
+    small = shear_model.materialize(model, masks)
     with torch.no_grad():
         out = small(input_ids=x).logits
     assert (out - masked).abs().max().item() <= 1e-5 * max(1.0, masked.abs().max().item())
@@ -166,10 +174,10 @@ def test_derive_shape_from_param_count(tiny_llama):
     s = shear.derive_shape(model, n // 2)
     assert s.heads % s.kv_heads == 0 and s.layers <= 4 and s.hidden < 64
     assert abs(arch.count(s) - n // 2) / (n // 2) < 0.15
-    assert prune.target_shape(model, 0.5) == s
+    assert prune.target_shape(model, prune.Config(target=0.5, multiple_of=1)) == s
     assert shear.shape_error(model, s) is None  # e.g. LlamaConfig's hidden % heads == 0
     with pytest.raises(CompressError, match="not a valid LlamaConfig"):
-        prune.target_shape(model, {"hidden": 50, "heads": 4})
+        prune.target_shape(model, prune.Config(target={"hidden": 50, "heads": 4}, multiple_of=1))
     with pytest.raises(CompressError):
         shear.derive_shape(model, 2 * n)
 
@@ -234,7 +242,7 @@ def test_stage_run_reduces_gap(tiny_llama, text_file, tmp_path):
     ctx = Context.for_tests(tmp_path, data={"train": [str(text_file)]})
     target = {"layers": 3, "hidden": 48, "heads": 2, "intermediate": 96}
     cfg = prune.Config(target=target, steps=30, batch_size=2, seq_len=32, lr=1e-3, lr_masks=0.5, lr_lambdas=0.05,
-                       target_warmup=0.25, log_every=5)
+                       target_warmup=0.25, log_every=5, multiple_of=16)
     small, stats = prune.run(model, tok, cfg, ctx)
     t = shear.resolve_target(shear.Shape.of(model.config), target)
     assert shear.Shape.of(small.config) == t
@@ -254,9 +262,88 @@ def test_first_k_baseline_hits_target(tiny_llama):
     model, _ = tiny_llama
     base = shear.Shape.of(model.config)
     t = shear.resolve_target(base, {"layers": 2, "hidden": 32, "heads": 2, "kv_heads": 2, "intermediate": 64})
-    small = shear.materialize(model, shear.first_k_masks(base, t))
+    small = shear_model.materialize(model, shear.first_k_masks(base, t))
     assert shear.Shape.of(small.config) == t
     # the first query head of each group, the first dims: plain slices of the original weights
     q = model.model.layers[0].self_attn.q_proj.weight
     expect = torch.cat([q[0:16, :32], q[32:48, :32]])
     assert torch.equal(small.model.layers[0].self_attn.q_proj.weight, expect)
+
+
+# ------------------------------------------------------------------------------------------ every family
+
+
+def _family(name: str):
+    from compress.tiny import build
+
+    model, tok = build(REPO / "configs" / "models" / f"tiny-{name}.json", seed=0)
+    return model.eval(), tok
+
+
+def _component_masks(base, arch, name):
+    """All-ones masks with one unit of `name` closed."""
+    m = shear.Masks.ones(base, arch.experts)
+    getattr(m, name).view(-1)[0] = 0.0
+    return m
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_every_prunable_family_masks_and_materialises_exactly(name, tmp_path):
+    """On each family: open masks change nothing, each mask really acts, the parameter count of any shape is exact,
+    and the materialised model computes what the masked one computes, then loads with plain from_pretrained."""
+    model, _ = _family(name)
+    base, arch = shear.Shape.of(model.config), shear.Arch.of(model)
+    assert arch.count(base) == model.num_parameters()
+    x = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    assert (_masked_logits(model, shear.Masks.ones(base, arch.experts), x) - ref).abs().max() <= 1e-5
+    for component in ("head", "intermediate", "hidden", "layer"):
+        assert (_masked_logits(model, _component_masks(base, arch, component), x) - ref).abs().max() > 1e-5, component
+    t = shear.resolve_target(base, {"layers": base.layers - 1, "hidden": base.hidden - 16, "heads": 2,
+                                    "intermediate": base.intermediate // 2})
+    shearer = shear.Shearer(model, t)
+    _random_gates(shearer)
+    masks = shearer.deterministic()
+    masked = _masked_logits(model, masks, x)
+    small = shear_model.materialize(model, masks).eval()
+    with torch.no_grad():
+        out = small(input_ids=x).logits
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+    assert shear.Shape.of(small.config) == t and small.num_parameters() == arch.count(t)
+    small.save_pretrained(tmp_path / "small")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=x).logits - out).abs().max() <= 1e-5 * out.abs().max()
+    fam = families.of(model)
+    for key in fam.layer_lists:  # per-layer lists follow the kept layers
+        if isinstance(model.config.to_dict().get(key), list):
+            kept = masks.kept("layer").nonzero().flatten().tolist()
+            assert reloaded.config.to_dict()[key] == [model.config.to_dict()[key][i] for i in kept]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_families_whose_architecture_forbids_it_are_refused_in_one_line(name):
+    model, _ = _family(name)
+    with pytest.raises(CompressError) as e:
+        shear_model.check_supported(model)
+    message = str(e.value)
+    assert "\n" not in message and families.of(model).name in message and "head_dim" in message
+    assert all(families.of(n).name in message for n in ("llama", "gemma3_text", "phi3", "olmo2"))
+
+
+def test_derived_shapes_are_multiples_that_deploy():
+    """Half of SmolLM2-135M's parameters (meta device: no weights): every width a multiple of 64, so GPTQ packing
+    at any bit width and the common GPU kernels take it; an explicit width that is not is refused with the nearest."""
+    from compress.stages.prune import _meta_model
+
+    smollm2 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+                   intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                   tie_word_embeddings=True)
+    model = _meta_model(smollm2)
+    s = prune.target_shape(model, prune.Config(target=0.5))
+    assert s.hidden % 64 == 0 and s.intermediate % 64 == 0 and (s.heads * 64) % 64 == 0
+    n = shear.Arch.of(model).count(s)
+    assert abs(n - 134_515_008 / 2) / (134_515_008 / 2) < 0.05
+    with pytest.raises(CompressError, match="hidden=400 is not a multiple of 64.*use 384 or 448"):
+        prune.target_shape(model, prune.Config(target={"hidden": 400}))

@@ -1,72 +1,57 @@
-"""Sheared-LLaMA targeted structured pruning: hard-concrete (L0) masks, Lagrangian shape targets, materialisation.
+"""Sheared-LLaMA targeted structured pruning: hard-concrete (L0) masks, Lagrangian shape targets, shapes and counts.
 
 Xia, Gao, Zeng, Chen 2023, "Sheared LLaMA: Accelerating Language Model Pre-training via Structured Pruning",
 https://arxiv.org/abs/2310.06694. Gates are the hard-concrete distribution of Louizos, Welling, Kingma 2018,
 "Learning Sparse Neural Networks through L0 Regularization", https://arxiv.org/abs/1712.01312.
 
-Plain torch, no files or YAML. The pieces, in the order a pruning run uses them:
+Plain torch, no files or YAML. This module is the algorithm; how masks act on a model of each family (the masked
+forward and the smaller dense model) is compress/algorithms/shear_model.py. The pieces:
 
     Shape / resolve_target / derive_shape   the target: layers, hidden, heads, kv_heads, intermediate
+    Arch                                    parameter count of any shape of a model's family
     Shearer                                 the gates z (log_alpha) and multipliers lambda for one model
       .sample()          training masks (reparameterised, gradients reach log_alpha)
       .lagrangian(p)     sum over quantities of lambda1 (s_hat - t) + lambda2 (s_hat - t)^2   (paper eq. 2)
       .deterministic()   eval masks that keep exactly the target count of every quantity
-    MaskedForward                           forward hooks applying a Masks to an unmodified HF decoder
-    materialize(model, masks)               -> a smaller dense model of the same class (plain from_pretrained)
     first_k_masks(base, target)             the naive baseline: keep the first k of everything
 
 Design choices:
 
-* Where the masks act (as the paper): z_head scales each query head's output before o_proj, z_int the MLP
-  intermediate before down_proj, z_layer each layer's two residual updates, z_hidden the embedding output,
-  every RMSNorm output and every residual update (o_proj / down_proj outputs).
 * GQA. Query head h belongs to kv group h // r (r = heads / kv_heads, HF's repeat_kv order). Two gates: z_kv
   per (layer, kv group) prunes whole groups (q heads + k/v heads), z_head per (layer, query head) prunes query
   heads inside groups; a head's effective gate is z_kv[g(h)] * z_head[h]. Deterministic masks keep the top kv_heads
   groups and, inside each kept group, the top heads/kv_heads query heads, so every layer ends with the same
   (heads, kv_heads) and heads % kv_heads == 0: a valid uniform config. A gate exists only for a quantity the
   target shrinks (MHA: r = 1, only z_kv).
-* RMSNorm. A pruned hidden dim is exactly 0 in the residual stream, so a smaller model's RMSNorm averages x^2
-  over the kept dims only. The masked forward does the same (as the paper's code): each norm's output is
-  rescaled by sqrt((mean_all(x^2) + eps) / (mean_kept(x^2) + eps)), then by z_hidden. With that the materialised
-  model equals the masked one exactly (up to float rounding), not approximately.
-* Folding kept mask values: z_head into o_proj columns, z_int into down_proj columns, z_layer * z_hidden into
-  o_proj / down_proj rows (and biases), z_hidden into the embedding and every RMSNorm weight except the final
-  norm of a tied model (there the tied embedding already carries z_hidden into lm_head).
+* Mixture of experts: every expert's FFN has its own intermediate gates (L, E, I) and keeps the same number of
+  dims (one `moe_intermediate` in the config), the router is kept whole.
 * Deterministic mask values: kept units take Louizos' test-time estimate clamp(sigmoid(log_alpha) (zeta - gamma)
   + gamma, 0, 1) (the paper's code uses a different soft value); units outside the top-k are 0. Which units
-  survive is carried separately (Masks.keep), so a kept unit whose estimate is 0 still counts as kept (shape
-  and RMS denominator stay right; its weights fold to 0).
+  survive is carried separately (Masks.keep), so a kept unit whose estimate is 0 still counts as kept.
 * Targets: a shape (any of the five numbers) or a parameter count, turned into a shape by derive_shape (widths
-  x f, depth x sqrt f, closest count). Shearer.target_fractions(progress) ramps each target linearly from the
-  full model to the final shape (the paper's warmup); the caller passes progress = step / warmup_steps.
+  x f, depth x sqrt f, closest count). Widths are multiples of `multiple_of` (see derive_shape). The target ramps
+  linearly from the full model to the final shape (the paper's warmup): target_fractions(progress).
 * Lagrangian terms are per quantity on kept fractions (expected count / full count) as the paper's code does, per
   layer for per-layer quantities (averaged), so one multiplier pair scale fits layers, heads and dims alike.
-
-Supported: LlamaForCausalLM (SmolLM2 included), MistralForCausalLM, Qwen2ForCausalLM. Not supported: other
-norms (LayerNorm with bias, Gemma's 1 + w), per-layer non-uniform shapes, quantized models, pruning head_dim.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from functools import partial
-from types import SimpleNamespace
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
+from compress import families
 from compress.errors import CompressError
 
 BETA = 2 / 3                                   # temperature of the concrete distribution
 GAMMA, ZETA = -0.1, 1.1                        # stretch limits of s in (0, 1) before clamping to [0, 1]
 EPS = 1e-6                                     # keeps the uniform noise away from 0 and 1
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -math.log(100), math.log(100)  # keeps every gate's gradient alive
-SUPPORTED = ("llama", "mistral", "qwen2")
 TARGET_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 
 
@@ -75,7 +60,8 @@ TARGET_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 
 @dataclass(frozen=True)
 class Shape:
-    """The five numbers structured pruning changes; everything else (vocab, head_dim) is kept."""
+    """The five numbers structured pruning changes; everything else (vocab, head_dim, experts) is kept.
+    `intermediate` is each expert's width in a mixture of experts."""
 
     layers: int
     hidden: int
@@ -85,15 +71,22 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> "Shape":
-        return cls(
-            layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            intermediate=config.intermediate_size,
-        )
+        fam = families.of(config)
+        heads = fam.config_value(config, "heads")
+        width = "moe_intermediate" if fam.is_moe() and fam.keys.moe_intermediate else "intermediate"
+        hidden = fam.config_value(config, "hidden")
+        return cls(layers=fam.config_value(config, "layers"), hidden=hidden, heads=heads,
+                   kv_heads=fam.config_value(config, "kv_heads", heads),
+                   intermediate=fam.config_value(config, width, 4 * hidden))
 
-    def config_fields(self) -> dict:
-        return {"num_hidden_layers": self.layers, "hidden_size": self.hidden, "num_attention_heads": self.heads,
-                "num_key_value_heads": self.kv_heads, "intermediate_size": self.intermediate}
+    def config_fields(self, fam: families.Family) -> dict:
+        """config.json keys of this shape for `fam`."""
+        k = fam.keys
+        out = {k.layers: self.layers, k.hidden: self.hidden, k.heads: self.heads,
+               (k.moe_intermediate if fam.is_moe() and k.moe_intermediate else k.intermediate): self.intermediate}
+        if k.kv_heads:
+            out[k.kv_heads] = self.kv_heads
+        return out
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -142,57 +135,87 @@ def resolve_target(base: Shape, target: dict) -> Shape:
 
 @dataclass(frozen=True)
 class Arch:
-    """What a parameter count needs besides the Shape: vocab, head_dim, tying and which linears have biases."""
+    """What a parameter count needs besides the Shape, read from one model of the family (compress/families.py)."""
 
     vocab: int
     head_dim: int
     tied: bool
-    bias: dict  # q, k, v, o, gate, up, down, lm_head -> bool
+    experts: int            # experts per MoE layer (0: a dense FFN)
+    ffn_mats: int           # [I, d]-sized matrices per FFN (expert): 3 gated, 2 plain
+    bias: dict              # q, k, v, o, gate, up, down, lm_head -> bool
+    layer_norms: int        # hidden-sized norms per layer
+    norm_bias: bool         # LayerNorm: a weight and a bias per norm
+    qk_norm: str | None     # "head": one norm over head_dim for q and one for k; "width": over all heads' dims
+    final_norms: int        # norms after the last layer
 
     @classmethod
     def of(cls, model) -> "Arch":
-        p = parts(model)
-        a, m = p.layers[0].self_attn, p.layers[0].mlp
-        linears = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-                   "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj, "lm_head": p.lm_head}
-        return cls(vocab=p.embed.weight.shape[0], head_dim=head_dim(model), tied=is_tied(model),
-                   bias={k: lin.bias is not None for k, lin in linears.items()})
+        fam = families.of(model)
+        layer = fam.layer_list(model)[0]
+        attn, ffn, a, f = fam.get(layer, fam.attention.path), fam.get(layer, fam.ffn.path), fam.attention, fam.ffn
+
+        def bias(parent, name):
+            m = fam.get(parent, name)
+            return m is not None and getattr(m, "bias", None) is not None
+
+        bias_of = {"q": bias(attn, a.qkv or a.q), "k": bias(attn, a.qkv or a.k), "v": bias(attn, a.qkv or a.v),
+                   "o": bias(attn, a.o), "gate": bias(ffn, f.gate_up or f.gate), "up": bias(ffn, f.gate_up or f.up),
+                   "down": bias(ffn, f.down), "lm_head": bias(model, fam.lm_head)}
+        norms = [fam.get(layer, n) for n in fam.norms.values() if fam.get(layer, n) is not None]
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        qk = None if not a.q_norm else ("head" if a.qk_norm_per_head else "width")
+        return cls(vocab=in_emb.weight.shape[0], head_dim=head_dim(model),
+                   tied=out_emb is not None and out_emb.weight is in_emb.weight,
+                   experts=fam.config_value(model.config, "experts", 0) if fam.is_moe() else 0,
+                   ffn_mats=3 if (f.gate or f.gate_up or fam.is_moe()) else 2, bias=bias_of, layer_norms=len(norms),
+                   norm_bias=any(getattr(n, "bias", None) is not None for n in norms), qk_norm=qk,
+                   final_norms=int(fam.get(model, fam.final_norm) is not None))
 
     def layer_params(self, d, H, K, I):
         """Parameters of one decoder layer (floats allowed: expected sizes)."""
         b, hd = self.bias, self.head_dim
         attn = d * hd * (H + 2 * K) + hd * (H * b["q"] + K * b["k"] + K * b["v"]) + H * hd * d + d * b["o"]
-        mlp = 3 * d * I + I * (b["gate"] + b["up"]) + d * b["down"]
-        return attn + mlp + 2 * d  # + input and post-attention RMSNorm weights
+        attn += {"head": 2 * hd, "width": (H + K) * hd, None: 0}[self.qk_norm]
+        if self.experts:  # every expert's gate, up and down, and the router [E, d]
+            ffn = self.experts * (self.ffn_mats * d * I + d)
+        else:
+            ffn = self.ffn_mats * d * I + I * (b["gate"] + b["up"]) + d * b["down"]
+        return attn + ffn + self.layer_norms * d * (2 if self.norm_bias else 1)
 
     def outer_params(self, d):
         """Embedding, final norm and (untied) lm_head."""
-        return self.vocab * d * (1 if self.tied else 2) + d + self.vocab * self.bias["lm_head"]
+        return (self.vocab * d * (1 if self.tied else 2) + self.final_norms * d * (2 if self.norm_bias else 1)
+                + self.vocab * self.bias["lm_head"])
 
     def count(self, s: Shape) -> int:
         return int(self.outer_params(s.hidden) + s.layers * self.layer_params(s.hidden, s.heads, s.kv_heads, s.intermediate))
 
 
+def head_dim(model) -> int:
+    """Dimensions per attention head: the config's head_dim, else hidden / heads (kept by pruning)."""
+    fam, cfg = families.of(model), model.config
+    explicit = getattr(cfg, fam.keys.head_dim, None) if fam.keys.head_dim else None
+    return int(explicit or fam.config_value(cfg, "hidden") // fam.config_value(cfg, "heads"))
+
+
 def target_config(model, shape: Shape, layers: list[int] | None = None):
-    """The model's config with `shape` (head_dim kept; per-layer lists such as layer_types cut to `layers`)."""
-    cfg = copy.deepcopy(model.config)
-    for k, v in shape.config_fields().items():
-        setattr(cfg, k, v)
-    cfg.head_dim = head_dim(model)
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        keep = layers if layers is not None else range(shape.layers)
-        cfg.layer_types = [cfg.layer_types[l] for l in keep]
-    return cfg
+    """The model's config with `shape` (head_dim kept; per-layer lists cut to `layers`, the first ones by default)."""
+    fam = families.of(model)
+    raw = fam.cut_layers(model.config.to_dict(), list(layers) if layers is not None else list(range(shape.layers)))
+    raw.update(shape.config_fields(fam))
+    if fam.keys.head_dim:
+        raw[fam.keys.head_dim] = head_dim(model)
+    return type(model.config).from_dict(raw)
 
 
 def shape_error(model, shape: Shape) -> str | None:
     """Why the model's config class refuses `shape` (its own validators, e.g. Llama's hidden % heads), or None."""
-    validate = getattr(target_config(model, shape), "validate", None)
-    if validate is None:
-        return None
     try:
-        validate()
-    except (StrictDataclassError, ValueError) as e:
+        cfg = target_config(model, shape)
+        validate = getattr(cfg, "validate", None)
+        if validate is not None:
+            validate()
+    except (StrictDataclassError, ValueError, TypeError) as e:
         return str(e.__cause__ or e).strip().splitlines()[-1]
     return None
 
@@ -203,26 +226,43 @@ def check_shape(model, shape: Shape) -> None:
         raise CompressError(f"prune target {shape.as_dict()} is not a valid {type(model.config).__name__}: {err}")
 
 
-def _align(n: int) -> int:
-    """Granularity a shrunk width is rounded to: the largest of 64, 32, 8 dividing it with >= 32 steps, else 1."""
-    return next(a for a in (64, 32, 8, 1) if n % a == 0 and n >= 32 * a)
+def multiples(base: Shape, hd: int, multiple_of: int) -> dict[str, int]:
+    """The step each width may take: hidden and intermediate multiples of `multiple_of` (a width the base model
+    has below that stays whole), query heads such that heads * head_dim is as aligned as the base model's."""
+    def step(n):
+        return multiple_of if n >= multiple_of and n % multiple_of == 0 else (n if n < multiple_of else 1)
+    g = math.gcd(multiple_of, base.heads * hd)  # heads * hd % g == 0  <=>  heads % (g / gcd(g, hd)) == 0
+    return {"hidden": step(base.hidden), "intermediate": step(base.intermediate), "heads": g // math.gcd(g, hd)}
 
 
-def derive_shape(model, n_params: int) -> Shape:
+def check_multiples(base: Shape, target: Shape, hd: int, multiple_of: int) -> None:
+    """Refuse an explicit target shape whose widths are not multiples that deploy (see `multiples`)."""
+    steps = multiples(base, hd, multiple_of)
+    for key, unit in steps.items():
+        v = getattr(target, key)
+        if v != getattr(base, key) and v % unit:
+            near = sorted({max(unit, v // unit * unit), -(-v // unit) * unit})
+            raise CompressError(f"prune target {key}={v} is not a multiple of {unit} (multiple_of: {multiple_of}, so "
+                                f"GPTQ packing and GPU kernels take it); use {' or '.join(map(str, near))}, or set "
+                                "multiple_of: 1")
+
+
+def derive_shape(model, n_params: int, multiple_of: int = 1) -> Shape:
     """A Shape whose parameter count is closest to `n_params`.
 
     Rule: widths (hidden, heads, intermediate) shrink by one factor f and depth by sqrt(f), as Sheared-LLaMA's
-    7B -> 1.3B target does (width x 1/2, depth x 3/4); hidden and intermediate are rounded to multiples of 64
-    (32, 8 for smaller widths, see _align), heads to the nearest count that fits the kv groups (whole groups
-    first). f is scanned
-    in steps of 0.001 and the closest count wins (the larger model on ties).
+    7B -> 1.3B target does (width x 1/2, depth x 3/4); hidden and intermediate are rounded to multiples of
+    `multiple_of` (see `multiples`), heads to the nearest count that fits the kv groups (whole groups first).
+    f is scanned in steps of 0.001 and the closest count wins (the larger model on ties).
     """
     base, arch = Shape.of(model.config), Arch.of(model)
     full = arch.count(base)
     if not 0 < n_params < full:
         raise CompressError(f"prune target of {n_params:,} parameters must be below the model's {full:,}")
+    steps = multiples(base, arch.head_dim, multiple_of)
     r = base.heads // base.kv_heads
-    feasible_heads = sorted({k * q for k in range(1, base.kv_heads + 1) for q in range(1, r + 1)})
+    feasible_heads = sorted({k * q for k in range(1, base.kv_heads + 1) for q in range(1, r + 1)
+                             if (k * q) % steps["heads"] == 0 or k * q == base.heads})
 
     def shrink(n, f, a):
         return min(n, max(a, a * round(n * f / a)))
@@ -232,13 +272,14 @@ def derive_shape(model, n_params: int) -> Shape:
         f = i / 1000
         heads = min(feasible_heads, key=lambda h: (abs(h - base.heads * f), -h))
         depth = round(base.layers * math.sqrt(f))
-        a = _align(base.hidden)
+        a = steps["hidden"]
         for hidden, layers in itertools.product(
             (shrink(base.hidden, f, a), shrink(base.hidden, f, math.lcm(a, heads))),  # 2nd: for hidden % heads == 0
             (depth, depth - 1, depth + 1),                                            # +-1 layer: finer steps
         ):
             s = Shape(layers=min(max(1, layers), base.layers), hidden=hidden, heads=heads,
-                      kv_heads=_default_kv_heads(heads, base), intermediate=shrink(base.intermediate, f, _align(base.intermediate)))
+                      kv_heads=_default_kv_heads(heads, base),
+                      intermediate=shrink(base.intermediate, f, steps["intermediate"]))
             err = abs(arch.count(s) - n_params)
             if best_err is not None and err >= best_err:
                 continue
@@ -249,46 +290,6 @@ def derive_shape(model, n_params: int) -> Shape:
     if best is None:
         raise CompressError(f"no valid shape of {type(model.config).__name__} found near {n_params:,} parameters; give a shape")
     return best
-
-
-# ------------------------------------------------------------------------------------------------ model access
-
-
-def check_supported(model) -> None:
-    """Raise CompressError unless `model` is a plain (unquantized) Llama-family causal LM this module can prune."""
-    mt = getattr(model.config, "model_type", None)
-    if mt not in SUPPORTED:
-        raise CompressError(f"prune supports model types {', '.join(SUPPORTED)}, not {mt!r}")
-    if getattr(model.config, "quantization_config", None):
-        raise CompressError("prune needs an unquantized model; put prune before gptq/int8")
-    try:
-        p = parts(model)
-        for layer in p.layers:
-            _ = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.input_layernorm,
-                 layer.post_attention_layernorm)
-    except AttributeError as e:
-        raise CompressError(f"prune cannot find the Llama block structure in this model ({e})") from None
-
-
-def parts(model) -> SimpleNamespace:
-    """The modules pruning touches, by role (one accessor for Llama, Mistral, Qwen2)."""
-    return SimpleNamespace(embed=model.model.embed_tokens, layers=model.model.layers, norm=model.model.norm,
-                           lm_head=model.lm_head)
-
-
-def head_dim(model) -> int:
-    return parts(model).layers[0].self_attn.head_dim
-
-
-def is_tied(model) -> bool:
-    p = parts(model)
-    return p.lm_head.weight.data_ptr() == p.embed.weight.data_ptr()
-
-
-def _norm_eps(norm: nn.Module) -> float:
-    eps = getattr(norm, "variance_epsilon", None)
-    return getattr(norm, "eps", 1e-6) if eps is None else eps
 
 
 # ------------------------------------------------------------------------------------------------ gates
@@ -332,7 +333,7 @@ class Masks:
 
     layer: torch.Tensor | None = None         # (L,)   scales each layer's attention and MLP residual updates
     head: torch.Tensor | None = None          # (L, H) scales each query head's output before o_proj (z_kv x z_head)
-    intermediate: torch.Tensor | None = None  # (L, I) scales the MLP intermediate before down_proj
+    intermediate: torch.Tensor | None = None  # (L, I) or (L, E, I): the FFN intermediate before down_proj, per expert
     hidden: torch.Tensor | None = None        # (d,)   scales the residual stream's dimensions
     keep: dict = field(default_factory=dict)  # name -> bool tensor (same shape): units that survive; default z != 0
 
@@ -340,10 +341,11 @@ class Masks:
         return self.keep[name] if name in self.keep else getattr(self, name) != 0
 
     @classmethod
-    def ones(cls, base: Shape) -> "Masks":
+    def ones(cls, base: Shape, experts: int = 0) -> "Masks":
         """Every gate present and open: the masked model must equal the original."""
         L = base.layers
-        return cls(layer=torch.ones(L), head=torch.ones(L, base.heads), intermediate=torch.ones(L, base.intermediate),
+        inter = (L, experts, base.intermediate) if experts else (L, base.intermediate)
+        return cls(layer=torch.ones(L), head=torch.ones(L, base.heads), intermediate=torch.ones(inter),
                    hidden=torch.ones(base.hidden))
 
 
@@ -351,7 +353,7 @@ class Shearer(nn.Module):
     """The gates (log_alpha) and Lagrange multipliers (lambda1, lambda2) that prune one model to `target`.
 
     Gate blocks, created only for quantities the target shrinks:
-        layer (L,), kv (L, K), head (L, H), intermediate (L, I), hidden (d,)
+        layer (L,), kv (L, K), head (L, H), intermediate (L, I) or (L, E, I) with experts, hidden (d,)
     """
 
     def __init__(self, model, target: Shape, init: float = 3.0, seed: int = 0):
@@ -364,7 +366,8 @@ class Shearer(nn.Module):
         shapes = {"layer": ((b.layers,), t.layers < b.layers),
                   "kv": ((b.layers, b.kv_heads), t.kv_heads < b.kv_heads),
                   "head": ((b.layers, b.heads), self.r_target < self.r),
-                  "intermediate": ((b.layers, b.intermediate), t.intermediate < b.intermediate),
+                  "intermediate": ((b.layers, *((self.arch.experts,) if self.arch.experts else ()), b.intermediate),
+                                   t.intermediate < b.intermediate),
                   "hidden": ((b.hidden,), t.hidden < b.hidden)}
         self.gates = nn.ModuleDict({n: HardConcrete(s, init, self.generator) for n, (s, on) in shapes.items() if on})
         self.lambdas = nn.ParameterDict({n: nn.Parameter(torch.zeros(2)) for n in self.gates})  # (lambda1, lambda2)
@@ -415,6 +418,7 @@ class Shearer(nn.Module):
         head = s["head"] if "head" in s else torch.ones(L, b.heads)
         heads = (head * kv.repeat_interleave(self.r, dim=-1)).sum(-1)  # (L,) expected surviving query heads
         inter = s["intermediate"].sum(-1) if "intermediate" in s else torch.full((L,), float(b.intermediate))
+        inter = inter.mean(-1) if inter.dim() > 1 else inter  # experts: their mean width
         layer = s["layer"] if "layer" in s else torch.ones(L)
         d = s["hidden"].sum().item() if "hidden" in s else float(b.hidden)
         params = self.arch.outer_params(d) + sum(
@@ -471,7 +475,7 @@ class Shearer(nn.Module):
         return list(self.lambdas.values())
 
 
-def first_k_masks(base: Shape, target: Shape) -> Masks:
+def first_k_masks(base: Shape, target: Shape, experts: int = 0) -> Masks:
     """The naive structured-pruning baseline: keep the first layers, kv groups, query heads in each kept group,
     intermediate and hidden dims (all values 1). materialize(model, first_k_masks(...)) is that smaller model."""
     L, K, r = base.layers, base.kv_heads, base.heads // base.kv_heads
@@ -481,192 +485,7 @@ def first_k_masks(base: Shape, target: Shape) -> Masks:
 
     head = (first(K, target.kv_heads)[:, None] & first(r, target.heads // target.kv_heads)[None, :]).flatten()
     keep = {"layer": first(L, target.layers), "head": head.expand(L, -1).clone(),
-            "intermediate": first(base.intermediate, target.intermediate).expand(L, -1).clone(),
+            "intermediate": first(base.intermediate, target.intermediate).expand(
+                L, *((experts,) if experts else ()), -1).clone(),
             "hidden": first(base.hidden, target.hidden)}
     return Masks(**{n: k.float() for n, k in keep.items()}, keep=keep)
-
-
-# ------------------------------------------------------------------------------------------------ masked forward
-
-
-class MaskedForward:
-    """Forward hooks that apply `self.masks` (a Masks, or None = off) to an unmodified HF Llama-family model.
-
-        with MaskedForward(model) as mf:
-            mf.masks = shearer.sample()
-            loss = model(input_ids=x, labels=x).loss
-    """
-
-    def __init__(self, model):
-        check_supported(model)
-        p = parts(model)
-        self.masks: Masks | None = None
-        self.heads = p.layers[0].self_attn.config.num_attention_heads
-        hooks = [p.embed.register_forward_hook(self._embed), p.norm.register_forward_hook(self._norm)]
-        for l, layer in enumerate(p.layers):
-            hooks += [
-                layer.input_layernorm.register_forward_hook(self._norm),
-                layer.post_attention_layernorm.register_forward_hook(self._norm),
-                layer.self_attn.o_proj.register_forward_pre_hook(partial(self._heads, l)),
-                layer.self_attn.o_proj.register_forward_hook(partial(self._update, l)),
-                layer.mlp.down_proj.register_forward_pre_hook(partial(self._intermediate, l)),
-                layer.mlp.down_proj.register_forward_hook(partial(self._update, l)),
-            ]
-        self._handles = hooks
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-    def _embed(self, module, args, out):
-        m = self.masks
-        if m is None or m.hidden is None:
-            return None
-        return out * m.hidden.to(out.device, out.dtype)
-
-    def _norm(self, module, args, out):
-        """RMS over the kept hidden dims only (pruned dims are 0 in the residual), then z_hidden."""
-        m = self.masks
-        if m is None or m.hidden is None:
-            return None
-        x2 = args[0].float().pow(2)                                       # (B, T, d)
-        keep = m.kept("hidden").to(x2.device, x2.dtype)
-        eps = _norm_eps(module)
-        ms_all = x2.mean(-1, keepdim=True)
-        ms_kept = (x2 * keep).sum(-1, keepdim=True) / keep.sum().clamp(min=1)
-        return out * (torch.sqrt((ms_all + eps) / (ms_kept + eps)) * m.hidden.to(x2.device)).to(out.dtype)
-
-    def _heads(self, l, module, args):
-        m = self.masks
-        if m is None or m.head is None:
-            return None
-        x = args[0]                                                       # (B, T, H * hd)
-        z = m.head[l].to(x.device, x.dtype)
-        return ((x.unflatten(-1, (self.heads, -1)) * z[:, None]).flatten(-2),)  # (B, T, H, hd) -> (B, T, H * hd)
-
-    def _intermediate(self, l, module, args):
-        m = self.masks
-        if m is None or m.intermediate is None:
-            return None
-        x = args[0]                                                       # (B, T, I)
-        return (x * m.intermediate[l].to(x.device, x.dtype),)
-
-    def _update(self, l, module, args, out):
-        """A residual update (o_proj or down_proj output) times z_layer[l] and z_hidden."""
-        m = self.masks
-        if m is None or (m.layer is None and m.hidden is None):
-            return None
-        if m.layer is not None:
-            out = out * m.layer[l].to(out.device, out.dtype)
-        if m.hidden is not None:
-            out = out * m.hidden.to(out.device, out.dtype)
-        return out
-
-
-# ------------------------------------------------------------------------------------------------ materialise
-
-
-def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    """Row indices of whole units (heads) of `size` rows each: (n,) -> (n * size,)."""
-    return (units[:, None] * size + torch.arange(size, device=units.device)).flatten()
-
-
-def _uniform(counts: torch.Tensor, what: str) -> int:
-    values = counts.unique().tolist()
-    if len(values) != 1:
-        raise CompressError(f"cannot materialise: kept {what} differ between layers ({values}); use deterministic masks")
-    return int(values[0])
-
-
-@torch.no_grad()
-def materialize(model, masks: Masks):
-    """The smaller dense model (same class) that computes what `model` under `masks` computes.
-
-    `masks` must keep the same number of heads (per kv group), kv heads and intermediate dims in every kept
-    layer (Shearer.deterministic() does). Kept mask values are folded into the kept weights.
-    """
-    check_supported(model)
-    base, p, hd = Shape.of(model.config), parts(model), head_dim(model)
-    L, d, H, K, I = base.layers, base.hidden, base.heads, base.kv_heads, base.intermediate
-    r = H // K
-    dev = p.embed.weight.device
-
-    def get(name, shape):
-        z = getattr(masks, name)
-        if z is None:
-            return torch.ones(shape, device=dev), torch.ones(shape, dtype=torch.bool, device=dev)
-        return z.to(dev).float(), masks.kept(name).to(dev)
-
-    z_layer, keep_layer = get("layer", (L,))
-    z_head, keep_head = get("head", (L, H))
-    z_int, keep_int = get("intermediate", (L, I))
-    z_hid, keep_hid = get("hidden", (d,))
-
-    layers = keep_layer.nonzero().flatten().tolist()
-    if not layers:
-        raise CompressError("cannot materialise: every layer is pruned")
-    kept_heads = keep_head[layers].unflatten(-1, (K, r))                   # (L', K, r)
-    keep_kv = keep_head.unflatten(-1, (K, r)).any(-1)                      # (L, K): groups with a surviving head
-    kv_new = _uniform(keep_kv[layers].sum(-1), "kv heads")
-    r_new = _uniform(kept_heads.sum(-1)[keep_kv[layers]], "query heads per kv group")
-    shape = Shape(layers=len(layers), hidden=int(keep_hid.sum()), heads=kv_new * r_new, kv_heads=kv_new,
-                  intermediate=_uniform(keep_int[layers].sum(-1), "intermediate dims"))
-    if min(shape.as_dict().values()) < 1:
-        raise CompressError(f"cannot materialise an empty shape {shape}")
-
-    check_shape(model, shape)
-    cfg = target_config(model, shape, layers)
-    dtype = p.embed.weight.dtype
-    new = type(model)(cfg).to(device=dev, dtype=dtype)
-    q = parts(new)
-
-    h = keep_hid.nonzero().flatten()                                       # kept hidden dims
-    zh = z_hid[h]
-    tied = is_tied(new)
-    q.embed.weight.copy_(p.embed.weight[:, h] * zh)
-    # Tied: the embedding (= lm_head) already carries z_hidden, so the final norm must not fold it again.
-    q.norm.weight.copy_(p.norm.weight[h] * (1 if tied else zh))
-    if not tied:
-        q.lm_head.weight.copy_(p.lm_head.weight[:, h])
-        if p.lm_head.bias is not None:
-            q.lm_head.bias.copy_(p.lm_head.bias)
-
-    def take(dst: nn.Linear, src: nn.Linear, rows, cols, row_scale=None, col_scale=None):
-        W = src.weight[rows][:, cols].float()
-        if row_scale is not None:
-            W = W * row_scale[:, None]
-        if col_scale is not None:
-            W = W * col_scale[None, :]
-        dst.weight.copy_(W)
-        if src.bias is not None:
-            b = src.bias[rows].float()
-            dst.bias.copy_(b if row_scale is None else b * row_scale)
-
-    for j, l in enumerate(layers):
-        a, b, na, nb = p.layers[l].self_attn, p.layers[l].mlp, q.layers[j].self_attn, q.layers[j].mlp
-        out_scale = z_layer[l] * zh                                        # (d',) on every residual update
-        qh = keep_head[l].nonzero().flatten()                              # kept query heads
-        q_rows, kv_rows = _rows(qh, hd), _rows(keep_kv[l].nonzero().flatten(), hd)
-        take(na.q_proj, a.q_proj, q_rows, h)
-        take(na.k_proj, a.k_proj, kv_rows, h)
-        take(na.v_proj, a.v_proj, kv_rows, h)
-        take(na.o_proj, a.o_proj, h, q_rows, row_scale=out_scale, col_scale=z_head[l][qh].repeat_interleave(hd))
-        i = keep_int[l].nonzero().flatten()                                # kept intermediate dims
-        take(nb.gate_proj, b.gate_proj, i, h)
-        take(nb.up_proj, b.up_proj, i, h)
-        take(nb.down_proj, b.down_proj, h, i, row_scale=out_scale, col_scale=z_int[l][i])
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            getattr(q.layers[j], norm).weight.copy_(getattr(p.layers[l], norm).weight[h] * zh)
-
-    if head_dim(new) != hd or Shape.of(new.config) != shape:
-        raise CompressError(f"{type(model).__name__} did not accept the pruned shape {shape} with head_dim={hd}")
-    new.generation_config = copy.deepcopy(model.generation_config)
-    new.train(model.training)
-    return new

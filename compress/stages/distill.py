@@ -13,8 +13,8 @@ Who is who:
 - No `teacher`: the incoming model is the teacher and the student is built from it by keeping `layers` of
   its layers (default: half, rounded down), chosen by `init` (kd.select_layers: `alternate` = evenly spaced
   with the first and last kept, DistilBERT's [0, 2, 4, 7, 9, 11] for 12 -> 6; `first`; `last`). Embeddings,
-  norms, the head and the kept layers are copied exactly; config.num_hidden_layers and every per-layer
-  config list (a list as long as the layer count, e.g. `layer_types`) are cut to the kept layers.
+  norms, the head and the kept layers are copied exactly; the layer count and every per-layer config list
+  (compress/families.py: `layer_types`, Qwen3-MoE's `mlp_only_layers`) follow the kept layers.
 - `teacher: REF`: REF is `base` or an earlier stage's name (loaded with ctx.load_model), a local model
   folder, or `zoo:NAME`; the incoming model is the student as it is. Both must share the tokenizer's vocab.
 The teacher runs in eval mode under no_grad with requires_grad off; its logits are computed on the fly.
@@ -165,33 +165,40 @@ class Config:
 def build_student(teacher, layers: int, init: str = "alternate"):
     """A copy of `teacher` that keeps `layers` of its layers (kd.select_layers); returns (student, idx, sliced).
 
-    Everything but the dropped layers is copied exactly (embeddings, norms, head, tied weights, generation
-    config); config.num_hidden_layers and each per-layer config list (`sliced`: their names) follow the kept
-    layers; attention modules get their new `layer_idx` (KV-cache slots).
+    The student is built fresh from the teacher's config cut to the kept layers (compress/families.py: the
+    layer count, every per-layer list such as `layer_types`, layer-index lists such as Qwen3-MoE's
+    `mlp_only_layers`; `sliced` names the lists that changed), so everything a family sets up per layer at
+    init (attention windows, KV-cache slots, dense or MoE blocks) is right; then every tensor is copied
+    exactly from the teacher (the kept layers renumbered): embeddings, norms, head, tied weights.
     """
-    from compress.modeling import decoder_layers_with_name, set_submodule
+    from compress import families
+    from compress.modeling import decoder_layers_with_name
 
+    fam = families.of(teacher)
     name, blocks = decoder_layers_with_name(teacher)
     n = len(blocks)
     if layers > n:
         raise CompressError(f"distill.layers {layers} exceeds the teacher's {n} layers; pick 1..{n}")
     idx = kd.select_layers(n, layers, init)
-    set_submodule(teacher, name, nn.ModuleList([blocks[j] for j in idx]))  # deep-copy only the kept layers
-    try:
-        student = copy.deepcopy(teacher)
-    finally:
-        set_submodule(teacher, name, blocks)
-    cfg = student.config
-    sliced = sorted(k for k, v in vars(cfg).items()
-                    if isinstance(v, (list, tuple)) and len(v) == n and k != "architectures" and n > 1)
-    for k in sliced:
-        v = getattr(cfg, k)
-        setattr(cfg, k, type(v)(v[j] for j in idx))
-    cfg.num_hidden_layers = layers
-    for i, block in enumerate(student.get_submodule(name)):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = i
+    before = teacher.config.to_dict()
+    after = fam.cut_layers(before, idx)
+    sliced = sorted(k for k in after if k != fam.keys.layers and after[k] != before.get(k))
+    dtype = next(teacher.parameters()).dtype
+    student = type(teacher)._from_config(type(teacher.config).from_dict(after), dtype=dtype)
+    prefix = name + "."
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix):
+            i, rest = key[len(prefix):].split(".", 1)
+            if int(i) not in idx:
+                continue
+            key = f"{prefix}{idx.index(int(i))}.{rest}"
+        state[key] = value
+    student.load_state_dict(state, strict=True)
+    student.to(next(teacher.parameters()).device)
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.train(teacher.training)
     return student, idx, sliced
 
 

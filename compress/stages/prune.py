@@ -2,7 +2,7 @@
 
 Paper: Xia et al. 2023, "Sheared LLaMA: Accelerating Language Model Pre-training via Structured Pruning",
 https://arxiv.org/abs/2310.06694 (section 2.1). The core (hard-concrete gates, Lagrangian, masked forward,
-materialisation) is compress/algorithms/shear.py; this module is the glue:
+materialisation) is compress/algorithms/shear.py and shear_model.py; this module is the glue:
 
     - prune: {target: {layers: 16, hidden: 320, heads: 6, intermediate: 768}, steps: 400}
     - prune: {target: 67_000_000, steps: 400}     # a parameter count (a number < 1 = a fraction of the model's)
@@ -23,8 +23,21 @@ attention the kept (heads, kv_heads) is uniform over layers and heads % kv_heads
 pruned first (kv_heads defaults to heads / the model's query heads per group), query heads inside groups
 otherwise; a parameter count is turned into a shape by shear.derive_shape (widths x f, depth x sqrt f).
 
+Shapes that deploy: hidden and intermediate sizes are multiples of `multiple_of` (default 64), and query heads
+are kept so that heads x head_dim is as aligned as the model's. GPTQ's int32 packing needs in_features x bits
+% 32 == 0 (8 for 4-bit), the Marlin / ExLlama GPU kernels want in_features % 64 or % 128 and group_size to divide
+in_features, vLLM's fused MoE kernels % 64: 64 satisfies all of them at group sizes up to 64 (use 128 to keep
+group 128 whole). A derived shape is rounded; an explicit one that is not a multiple is refused with the nearest
+valid values. Per-layer config lists (`layer_types`, Qwen3-MoE's `mlp_only_layers`) follow the kept layers, so
+the smaller model loads with plain `from_pretrained`.
+
+Families: every one in compress/families.py whose entry has no `prune` reason: Llama, Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3, Phi-3, Phi-2, OLMo 2, Granite, Mixtral, Qwen3-MoE (experts' FFN dims pruned jointly, the
+router kept). Refused with the reason: StableLM, GPT-NeoX, Falcon, GPT-2, OPT (their attention takes head_dim
+from hidden / heads, so a smaller hidden size does not load in their transformers class) and encoders.
+
 Not supported: dynamic batch loading during pruning (the `train` stage has it), non-uniform per-layer shapes,
-pruning head_dim, models other than Llama / Mistral / Qwen2 decoders, quantized inputs.
+pruning head_dim, pruning whole experts, MoE models with dense layers, quantized inputs.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from compress import memory, train
-from compress.algorithms import shear
+from compress.algorithms import shear, shear_model
 from compress.errors import CompressError
 
 NAME = "prune"
@@ -58,6 +71,7 @@ class Config:
     init_log_alpha: float = 3.0         # initial log_alpha of every gate: P(z != 0) ~ 0.99, so training starts near the full model
     data: list[str] | str | None = None # text sources (domains); default: the pipeline's data.train
     log_every: int = 10                 # steps between expected-shape records in the stats
+    multiple_of: int = 64               # hidden / intermediate sizes are multiples of it, so GPTQ packing and GPU kernels take them
     save_every: int = 0                 # mid-stage checkpoint every N steps into the stage's work_dir (resume); 0 = never
 
     def __post_init__(self):
@@ -81,19 +95,23 @@ class Config:
                 raise CompressError(f"prune.{name} is a fraction of the steps in [0, 1], got {getattr(self, name)!r}")
         if self.save_every < 0:
             raise CompressError(f"prune.save_every must be >= 0, got {self.save_every}")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise CompressError(f"prune.multiple_of must be an integer >= 1, got {self.multiple_of!r}")
         if isinstance(self.data, str):
             self.data = [self.data]
 
 
-def target_shape(model, target) -> shear.Shape:
-    """The target Shape from the config's `target`: a mapping, a parameter count, or a fraction (< 1) of them."""
+def target_shape(model, cfg: Config) -> shear.Shape:
+    """The target Shape from the config's `target` (a mapping, a parameter count, or a fraction (< 1) of them),
+    its widths multiples of `multiple_of`."""
     base = shear.Shape.of(model.config)
-    if isinstance(target, dict):
-        shape = shear.resolve_target(base, target)
+    if isinstance(cfg.target, dict):
+        shape = shear.resolve_target(base, cfg.target)
+        shear.check_multiples(base, shape, shear.head_dim(model), cfg.multiple_of)
         shear.check_shape(model, shape)
         return shape
-    n = round(target * model.num_parameters()) if target < 1 else int(target)
-    return shear.derive_shape(model, n)
+    n = round(cfg.target * model.num_parameters()) if cfg.target < 1 else int(cfg.target)
+    return shear.derive_shape(model, n, cfg.multiple_of)
 
 
 def _domains(tokenizer, cfg: Config, ctx) -> dict[str, torch.Tensor]:
@@ -111,10 +129,10 @@ def run(model, tokenizer, cfg: Config, ctx):
     """Learn masks to the target shape, then return the materialised smaller model and the stats."""
     from accelerate import PartialState
 
-    shear.check_supported(model)
+    shear_model.check_supported(model)
     t0 = time.perf_counter()
     base = shear.Shape.of(model.config)
-    target = target_shape(model, cfg.target)
+    target = target_shape(model, cfg)
     if target == base:
         raise CompressError(f"prune.target {cfg.target!r} is the model's own shape {base.as_dict()}; nothing to prune")
     params_before = model.num_parameters()
@@ -159,7 +177,7 @@ def run(model, tokenizer, cfg: Config, ctx):
                              grad_accum=cfg.grad_accum, save_every=cfg.save_every, name="prune")
     groups = [{"params": shearer.gate_parameters(), "lr": cfg.lr_masks, "schedule": "constant"},
               {"params": shearer.lambda_parameters(), "lr": cfg.lr_lambdas, "maximize": True, "schedule": "constant"}]
-    with shear.MaskedForward(model) as mf:
+    with shear_model.MaskedForward(model) as mf:
         result = train.fit(model, batches, loss_fn, tcfg, ctx, extra_param_groups=groups, before_step=before_step,
                            on_step=on_step)
         masks = shearer.deterministic()
@@ -170,7 +188,7 @@ def run(model, tokenizer, cfg: Config, ctx):
             mf.masks = masks
             masked_logits = model(input_ids=check).logits
             mf.masks = None
-    pruned = shear.materialize(model, masks)
+    pruned = shear_model.materialize(model, masks)
     model.train(was_training)
     pruned.eval()
     with torch.no_grad():
@@ -224,42 +242,27 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     terms["mask activations"] = batch * seq * shape.layers * a * (3 * shape.hidden + shape.intermediate)
     domains = memory.text_domains(cfg.data, where.data.get("train"))
     terms["training text"] = memory.data_bytes(shape, [(d, "train") for d in domains])
-    pruned = _prune_target(shape, cfg.target)
+    pruned = _pruned_shape(shape, cfg)
     terms["pruned model"] = (pruned.params + pruned.float_buffers) * a
     return memory.Parts(terms, state.weights_bytes(), dataclasses.replace(state, shape=pruned))
 
 
-def _prune_target(shape: memory.ModelShape, target) -> memory.ModelShape:
-    """The pruned shape as compress/algorithms/shear.py resolves a target: a dict of layers/hidden/heads/
-    kv_heads/intermediate (missing = kept), or a parameter count (<1: a fraction of the model's)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _meta_model(config: dict):
+    """A model of `config` on the meta device (shapes, no storage), of the class its checkpoint would load as."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model(**{k: v for k, v in shape.config.items() if k != "quantization_config"})
-    if isinstance(target, dict):
-        t = shear.resolve_target(shear.Shape.of(config), target)
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        t = shear.derive_shape(model, int(target * shape.params) if target < 1 else int(target))
-    return _pruned_shape(shape, dataclasses.asdict(t))
+    from compress import checkpoint
+
+    clean = {k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version")}
+    with torch.device("meta"):
+        return checkpoint.auto_class(clean).from_config(AutoConfig.for_model(**clean))
 
 
-def _pruned_shape(shape: memory.ModelShape, target: dict) -> memory.ModelShape:
-    changes = {}
-    if "layers" in target:
-        changes["num_hidden_layers"] = int(target["layers"])
-    if "hidden" in target:
-        changes["hidden_size"] = int(target["hidden"])
-    if "intermediate" in target:
-        changes["intermediate_size"] = int(target["intermediate"])
-    if "heads" in target:
-        heads = int(target["heads"])
-        changes["num_attention_heads"] = heads
-        changes["num_key_value_heads"] = int(target.get("kv_heads", min(shape.kv_heads, heads)))
-    if changes and "head_dim" not in shape.config and shape.model_type != "bert":
-        changes["head_dim"] = shape.head_dim   # pruning heads keeps each head's size
-    return shape.with_changes(**changes) if changes else shape
+def _pruned_shape(shape: memory.ModelShape, cfg: Config) -> memory.ModelShape:
+    """The pruned model's shape, resolved as the stage resolves it (target_shape on a meta-device model)."""
+    model = _meta_model(shape.config)
+    shear_model.check_supported(model)
+    return memory.describe(shear.target_config(model, target_shape(model, cfg)).to_dict())
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:

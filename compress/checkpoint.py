@@ -7,7 +7,9 @@ Formats (detected from config.json's `quantization_config`):
     bnb-int8  bitsandbytes LLM.int8() weight + SCB        -> bitsandbytes Linear8bitLt
 
 Every checkpoint is a folder of safetensors + config.json + tokenizer files that transformers (and, for the
-quantized formats, transformers with optimum+gptqmodel or bitsandbytes) loads as is. Pickled weights
+quantized formats, transformers with optimum+gptqmodel or bitsandbytes) loads as is. Quantized MoE checkpoints
+hold their experts per expert, under the names of the family's original checkpoints (compress/moe.py): GPTQModel
+and vLLM read that layout; transformers 5 fuses experts on load and its quantized loaders do not handle them. Pickled weights
 (`pytorch_model.bin`) are refused unless the caller passes `allow_pickle=True`; `trust_remote_code` is off
 unless the caller turns it on.
 """
@@ -155,9 +157,10 @@ def _load_quantized(folder: Path, config: dict, fmt: Format, trust_remote_code: 
     dtype = _config_dtype(config)
     model = auto_class(config).from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     fmt.prepare(model, qc)
+    from_disk = _renamer(model, to_disk=False)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
+        state.update({from_disk(k): v for k, v in load_file(f).items()})
     result = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)
     missing = [k for k in result.missing_keys if k not in tied]
@@ -203,7 +206,8 @@ def save(model, tokenizer, folder: str | Path) -> None:
         # Quantized modules hold packed buffers that save_pretrained's quantizer hooks do not know; write the
         # state dict ourselves (tied duplicates dropped, contiguous CPU tensors) and the config with qc in it.
         tied = _tied_keys(model)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied}
+        to_disk = _renamer(model, to_disk=True)
+        state = {to_disk(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied}
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
         cfg = model.config.to_dict()
         cfg["quantization_config"] = dict(qc) if not isinstance(qc, dict) else qc
@@ -212,6 +216,17 @@ def save(model, tokenizer, folder: str | Path) -> None:
             model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def _renamer(model, to_disk: bool):
+    """Tensor-name translation between the model in memory and its family's checkpoints (compress/families.py
+    `saved_names`: Mixtral's mlp is block_sparse_moe on disk, as save_pretrained writes it and vLLM reads it)."""
+    from compress import families
+
+    fam = families.find(model)
+    if fam is None or not fam.saved_names:
+        return lambda name: name
+    return fam.to_disk if to_disk else fam.from_disk
 
 
 def copy_model_files(src: Path, dst: Path) -> None:

@@ -22,7 +22,10 @@ What differs between families and how it is written down:
 - config keys (GPT-2's n_embd, OPT's ffn_dim, Falcon's ffn_hidden_size...) and the per-layer lists that must
   follow when layers are dropped (`layer_types`; Qwen3-MoE's `mlp_only_layers` holds layer indices);
 - numerics: Gemma's activations overflow float16 (transformers #36822; vLLM refuses float16 for Gemma 3), so
-  quantization stages keep its unquantized parts in bfloat16.
+  quantization stages keep its unquantized parts in bfloat16 (`half_dtype`);
+- MoE checkpoints: transformers 5 holds experts fused in memory but saves them per expert under the family's
+  original names (`FFN.expert_names`; Mixtral also renames mlp -> block_sparse_moe: `saved_names`); quantized
+  checkpoints hold per-expert linears under those same names (compress/moe.py).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class FFN:
     gate_up: str | None = None        # fused [gate rows; up rows] (Phi-3)
     experts: str | None = None        # MoE: module holding gate_up_proj [E, 2I, H] and down_proj [E, H, I]
     router: str | None = None         # MoE: module whose `weight` [E, H] scores the experts
+    expert_names: tuple = ("gate_proj", "up_proj", "down_proj")  # MoE: one expert's gate, up, down linears as the
+    # family's per-expert checkpoints name them (experts.E.<name>), what GPTQModel and vLLM read (compress/moe.py)
 
     def inputs(self) -> list[str]:
         """Names of the linears reading the FFN input (dense FFNs)."""
@@ -106,6 +111,8 @@ class Family:
     fp16_safe: bool = True            # float16 activations stay in range (not Gemma's)
     encoder: bool = False             # bidirectional encoder (BERT): no causal stages like prune
     prune: str | None = None          # why `prune` cannot shrink this family (None: it can)
+    saved_names: tuple = ()           # (in-memory, on-disk) module-name components transformers renames when it
+    # saves (Mixtral: mlp -> block_sparse_moe); quantized checkpoints, written from the state dict, rename them too
 
     def get(self, root, path: str | None):
         """The submodule at dotted `path` below `root` ('' = root itself), or None when absent."""
@@ -125,6 +132,15 @@ class Family:
 
     def is_moe(self) -> bool:
         return self.ffn.experts is not None
+
+    def to_disk(self, name: str) -> str:
+        """A dotted module or tensor name as the family's checkpoints spell it (`saved_names`), e.g. Mixtral's
+        model.layers.0.mlp.experts.3.w1.qweight -> model.layers.0.block_sparse_moe.experts.3.w1.qweight."""
+        return _rename(name, dict(self.saved_names))
+
+    def from_disk(self, name: str) -> str:
+        """Inverse of to_disk: a checkpoint name as the module is called in memory."""
+        return _rename(name, {disk: mem for mem, disk in self.saved_names})
 
     def config_value(self, config: Any, role: str, default=None):
         """A shape value from a config object or dict by role (layers, hidden, heads, kv_heads, intermediate...)."""
@@ -157,6 +173,13 @@ class Family:
             out["mlp_only_layers"] = [j for j, i in enumerate(keep) if i in dense]
             out["decoder_sparse_step"] = 1
         return out
+
+
+def _rename(name: str, table: dict) -> str:
+    """`name` with every dot-separated component found in `table` replaced (whole components only)."""
+    if not table:
+        return name
+    return ".".join(table.get(part, part) for part in name.split("."))
 
 
 _GATED_RMS = dict(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm")
@@ -223,8 +246,8 @@ FAMILY_LIST = [
            prune="its attention takes head_dim = hidden / heads, so a smaller hidden size or head count does not "
                  "load in transformers' OPT class"),
     Family("Mixtral", ("mixtral",), **_GATED_RMS,
-           ffn=FFN(up=None, down=None, gate=None, experts="experts", router="gate"),
-           keys=Keys(experts="num_local_experts")),
+           ffn=FFN(up=None, down=None, gate=None, experts="experts", router="gate", expert_names=("w1", "w3", "w2")),
+           keys=Keys(experts="num_local_experts"), saved_names=(("mlp", "block_sparse_moe"),)),
     Family("Qwen3-MoE", ("qwen3_moe",), **_GATED_RMS, attention=Attention(q_norm="q_norm", k_norm="k_norm"),
            ffn=FFN(up=None, down=None, gate=None, experts="experts", router="gate"),
            keys=Keys(moe_intermediate="moe_intermediate_size", experts="num_experts"),
@@ -275,3 +298,11 @@ def require(config: Any, stage: str, pred, why: str = "") -> Family:
         names = ", ".join(supported(pred))
         raise CompressError(f"{stage} does not support {fam.name}{': ' + why if why else ''}; it supports {names}")
     return fam
+
+
+def half_dtype(config: Any) -> str:
+    """The 16-bit dtype for the unquantized parts of a quantized model: float16 (what GPTQ checkpoints and their
+    kernels expect) unless the family overflows it (`fp16_safe=False`: Gemma 2/3), then bfloat16. Families this
+    table does not describe get float16."""
+    fam = find(config)
+    return "float16" if fam is None or fam.fp16_safe else "bfloat16"

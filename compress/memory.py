@@ -57,6 +57,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from compress import families
 from compress.errors import CompressError
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -208,8 +209,29 @@ class ModelShape:
         return self.layers * sum(o for _, _, o in self.linears)
 
     def with_changes(self, **config_changes) -> "ModelShape":
-        """The shape of the same architecture with some config fields changed (pruned, fewer layers)."""
-        return describe({**self.config, **config_changes})
+        """The shape of the same architecture with some config fields changed (pruned, fewer layers).
+
+        Llama names (num_hidden_layers, hidden_size, intermediate_size...) are written to the family's own keys
+        (GPT-2 n_layer, OPT ffn_dim...), and a new layer count keeps the per-layer config lists consistent
+        (families.Family.cut_layers, on evenly spaced layers: Gemma's and Qwen's layer_types)."""
+        config = dict(self.config)
+        fam = families.find(config)
+        if fam is None:
+            return describe({**config, **config_changes})
+        changes = {(getattr(fam.keys, _ROLES[k], None) or k) if k in _ROLES else k: v for k, v in config_changes.items()}
+        n_old, n_new = config.get(fam.keys.layers), changes.pop(fam.keys.layers, None)
+        if n_new is not None and n_old and n_new != n_old:
+            keep = ([round(j * (n_old - 1) / (n_new - 1)) for j in range(n_new)] if 1 < n_new <= n_old
+                    else [0] if n_new == 1 else [j % n_old for j in range(n_new)])
+            config = fam.cut_layers(config, keep)
+        elif n_new is not None:
+            config[fam.keys.layers] = n_new
+        return describe({**config, **changes})
+
+
+# Llama config names -> families.Keys roles, for ModelShape.with_changes
+_ROLES = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
+          "num_key_value_heads": "kv_heads", "intermediate_size": "intermediate", "head_dim": "head_dim"}
 
 
 def _config_dict(model_config: Any) -> dict:
@@ -252,19 +274,24 @@ def _describe_cached(config_json: str) -> ModelShape:
         config = AutoConfig.for_model(**clean)
     except (ValueError, KeyError) as e:
         raise CompressError(f"transformers cannot build a config of type {raw['model_type']!r}: {e}") from None
-    arch = (raw.get("architectures") or [""])[0]
-    auto = AutoModelForCausalLM if arch.endswith("ForCausalLM") else (
-        AutoModelForMaskedLM if arch.endswith("ForMaskedLM") else (
-            AutoModelForCausalLM if config.model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma") else AutoModel))
+    from compress.checkpoint import auto_class
+
+    auto = auto_class(raw)
+    if auto is AutoModel and not raw.get("architectures") and families.find(raw) is not None \
+            and not families.find(raw).encoder:
+        auto = AutoModelForCausalLM  # a bare config of a decoder family: assume its causal-LM head
     with torch.device("meta"):  # no storage: exact shapes at no memory cost
         model = auto.from_config(config)
     return _shape_from_model(model, raw)
 
 
 def _decoder_layers(model) -> Any:
-    """The ModuleList of transformer blocks (the longest ModuleList in the model)."""
+    """The ModuleList of transformer blocks: where the family keeps them, else the longest ModuleList."""
     import torch
 
+    fam = families.find(model)
+    if fam is not None and fam.get(model, fam.layers) is not None:
+        return fam.layer_list(model)
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
     if not lists:
         raise CompressError(f"{type(model).__name__} has no list of layers; the planner needs a transformer")
@@ -274,29 +301,45 @@ def _decoder_layers(model) -> Any:
 def _shape_from_model(model, raw: dict) -> ModelShape:
     import torch
 
+    from compress import moe
+
     cfg = model.config
+    fam = families.find(cfg)
     layers = _decoder_layers(model)
     block = layers[0]
-    linears = tuple((n, m.in_features, m.out_features) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+    # what a weight quantizer sees: linears and Conv1D, and fused MoE experts as the per-expert linears they become
+    linears = tuple((n, i, o) for n, (i, o) in moe.planned_linears(block, fam).items())
     params = list(model.parameters())  # unique tensors: tied weights once
     hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     impl = getattr(cfg, "_attn_implementation", None) or raw.get("attn_implementation") or "sdpa"
     names = {n.split(".")[-1] for n, *_ in linears}
+    if fam is not None:
+        # the FFN width per token: the family's key (GPT-2 n_inner, OPT ffn_dim, Falcon ffn_hidden_size; None
+        # means 4 * hidden), for MoE the experts' width times the experts each token visits
+        intermediate = fam.config_value(cfg, "moe_intermediate") or fam.config_value(cfg, "intermediate") or 4 * hidden
+        if fam.is_moe():
+            intermediate *= int(getattr(cfg, "num_experts_per_tok", 1) or 1)
+        kv_heads = fam.config_value(cfg, "kv_heads") or heads
+        gated = bool(fam.ffn.gate or fam.ffn.gate_up or fam.is_moe())
+    else:
+        intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        gated = "gate_proj" in names
     return ModelShape(
         config=raw,
         model_type=cfg.model_type,
         params=sum(p.numel() for p in params),
         vocab=cfg.vocab_size,
         hidden=hidden,
-        intermediate=getattr(cfg, "intermediate_size", 4 * hidden),
+        intermediate=intermediate,
         layers=len(layers),
         heads=heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        kv_heads=kv_heads,
         head_dim=head_dim,
         tied=bool(getattr(cfg, "tie_word_embeddings", False)) and _is_tied(model),
-        gated_mlp="gate_proj" in names,
+        gated_mlp=gated,
         eager_attention=impl == "eager",
         linears=linears,
         layer_params=sum(p.numel() for p in block.parameters()),
@@ -495,7 +538,7 @@ def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState 
     if state.format == "gptq":  # QuantLinear caches each dequantized weight in the activation dtype
         terms["dequantized weight cache"] = state.shape.layers * sum(i * o for _, i, o in state.quantized_linears()) * a
     elif state.format == "bnb-int8" and rows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
-        i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1])
+        i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1], default=(0, 0))
         terms["int8 matmul buffers"] = rows * seq * (3 * i + 4 * o)
     if specs or agree:  # one source at a time: the largest test split
         terms["eval text"] = max(data_bytes(shape, [(sp, "test")]) for sp in [*specs, *agree])

@@ -8,8 +8,8 @@ the attention mask and the rotary position embeddings) by stopping the forward w
 `sequential_groups` derives GPTQ's "true sequential" order (q/k/v, then o, then gate/up, then down) from one traced
 forward of a block: linears that read the same input tensor form a group, groups come in execution order.
 
-Not supported: encoder-decoder models (two stacks of blocks), blocks that call a linear more than once per forward,
-mixture-of-experts routing (experts that see no token would get an empty Hessian).
+Not supported: encoder-decoder models (two stacks of blocks), blocks that call a linear more than once per forward.
+Mixture-of-experts blocks are walked once their experts are per-expert linears (compress/moe.py).
 """
 
 from __future__ import annotations
@@ -84,6 +84,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def linears(block: nn.Module) -> dict[str, nn.Module]:
     """Named linear layers (nn.Linear, Conv1D) inside one block, in registration order."""
     return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+
+# A quantization stage that would leave more than half of the blocks' linear weights unquantized is refused: its
+# result would be reported as quantized while mostly 16-bit (MoE experts that no linear-walker saw did exactly that).
+MIN_QUANTIZED_FRACTION = 0.5
+
+
+def quantized_fraction(quantized: int, total: int, quantized_in_blocks: int, block_linear: int) -> dict:
+    """What share of a model a quantization stage really quantized (for its stats): of all parameters, and of the
+    linear-like weights of the blocks (linears and MoE experts: what a weight quantizer is expected to cover)."""
+    return {"of_params": round(quantized / max(total, 1), 4),
+            "of_block_linears": round(quantized_in_blocks / max(block_linear, 1), 4),
+            "quantized_params": quantized, "params": total, "block_linear_params": block_linear}
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -192,7 +205,7 @@ def call_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
 
 @torch.no_grad()
 def trace_block(
-    block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
+    block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict, optional: tuple[str, ...] = ()
 ) -> tuple[list[list[str]], dict[str, int], dict[str, tuple[str, int, int]]]:
     """One traced forward of a block: (true-sequential groups, linears executed by the end of each submodule, tails).
 
@@ -204,6 +217,8 @@ def trace_block(
     last linear it ran: the very tensor, not modified in place since (position -1), or a tuple of `length` holding
     it at that position and None elsewhere. Llama: self_attn -> (o_proj, 0, 2), mlp -> (down_proj, -1, 0). Such a
     submodule's output is that linear applied to its recorded input, so it never has to run again.
+    Linears under the submodules named in `optional` (MoE experts: only those the router picked run) may be left
+    uncalled; any other linear the forward does not call is an error.
     """
     lin = linears(block)
     lin_ids = {id(m): n for n, m in lin.items()}
@@ -269,7 +284,7 @@ def trace_block(
         else:
             groups.append([name])
         last_input = inp
-    missing = [n for n in lin if n not in seen]
+    missing = [n for n in lin if n not in seen and not any(n.startswith(o + ".") for o in optional)]
     if missing:
         raise CompressError(f"linears {missing} in the block were not called during calibration; cannot quantize them")
     once = {n: k for n, k in spans.items() if calls[n] == 1}

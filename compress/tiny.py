@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from compress.errors import CompressError
 
@@ -65,15 +65,16 @@ def read_config(config_path: str | Path) -> dict:
 def build(config_path: str | Path, seed: int = 0):
     """Build (model, tokenizer) from a config.json with seeded random weights.
 
-    The head is chosen from the config's `architectures` (…ForCausalLM, …ForMaskedLM, else a bare model).
+    The head is chosen from the config's `architectures` by the rule checkpoint loading uses
+    (compress.checkpoint.auto_class: …ForCausalLM and …LMHeadModel such as GPT-2's get a causal-LM head,
+    …ForMaskedLM a masked-LM head, else a bare model), so a tiny model is built as its checkpoint reloads.
     """
+    from compress.checkpoint import auto_class
+
     path = Path(config_path)
     raw = read_config(path)
     config = AutoConfig.for_model(**raw)
-    arch = (raw.get("architectures") or [""])[0]
-    auto = AutoModelForCausalLM if arch.endswith("ForCausalLM") else (
-        AutoModelForMaskedLM if arch.endswith("ForMaskedLM") else AutoModel
-    )
+    auto = auto_class(raw)
     torch.manual_seed(seed)
     model = auto.from_config(config, dtype=torch.float32)
     model.eval()

@@ -232,13 +232,14 @@ def test_checkpoint_reloads_with_transformers(tiny_llama, tmp_path):
 @requires_bnb
 def test_skip_patterns_leave_modules_in_16_bit(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    q, stats = quantize(model, tok, tmp_path, skip=["lm_head", "model.layers.*.mlp"])  # regex from the start
-    assert stats["quantized_linears"] == 4 * 4
-    assert type(q.model.layers[0].mlp.up_proj) is nn.Linear and q.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    assert type(q.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    q, stats = quantize(model, tok, tmp_path, skip=["lm_head", "model.layers.*.self_attn"])  # regex from the start
+    assert stats["quantized_linears"] == 4 * 3
+    attn = q.model.layers[0].self_attn.q_proj
+    assert type(attn) is nn.Linear and attn.weight.dtype == torch.bfloat16
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
     save(q, tmp_path / "ckpt")
     r = load_with_prepare(tmp_path / "ckpt")
-    assert type(r.model.layers[3].mlp.down_proj) is nn.Linear
+    assert type(r.model.layers[3].self_attn.o_proj) is nn.Linear
     assert torch.equal(logits(r, ids_for()), logits(q, ids_for()))
 
 

@@ -581,9 +581,12 @@ def prepare_for_load(model: nn.Module, quantization_config: dict, cache: bool = 
     """Swap the linears a GPTQ v1 checkpoint quantized for empty QuantLinear skeletons (in place; returns model).
 
     Converted: every nn.Linear/Conv1D inside the decoder blocks, restricted to `modules_in_block_to_quantize`
-    when given, minus `modules_to_not_convert` and GPTQModel-style `dynamic` "-:" exclusions. Then
-    `model.load_state_dict(checkpoint)` fills qweight/qzeros/scales/g_idx/bias.
+    when given, minus `modules_to_not_convert` and GPTQModel-style `dynamic` "-:" exclusions. Fused MoE experts
+    become per-expert linears first (compress/moe.py), as the gptq stage quantized them. Names in the config are
+    the checkpoint's (compress/families.py `to_disk`: Mixtral's block_sparse_moe.experts.E.w1); skip patterns
+    match either spelling. Then `model.load_state_dict(checkpoint)` fills qweight/qzeros/scales/g_idx/bias.
     """
+    from compress import families, moe
     from compress.modeling import decoder_layers_with_name, linear_shape, linears, set_submodule
 
     qc = quantization_config
@@ -600,11 +603,15 @@ def prepare_for_load(model: nn.Module, quantization_config: dict, cache: bool = 
     dtype = getattr(getattr(model, "config", None), "dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     bias_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float16
+    fam = families.find(model)
+    disk = fam.to_disk if fam is not None else (lambda n: n)
+    moe.unfuse(model, copy=False)
     layers_name, layers = decoder_layers_with_name(model)
     for i, block in enumerate(layers):
         for name, lin in linears(block).items():
             full = f"{layers_name}.{i}.{name}"
-            if (inside is not None and name not in inside) or name_matches(full, skip):
+            if (inside is not None and disk(name) not in inside) or name_matches(full, skip) or \
+                    name_matches(disk(full), skip):
                 continue
             in_features, out_features = linear_shape(lin)
             q = QuantLinear(in_features, out_features, bits, group_size, bias=lin.bias is not None, cache=cache,

@@ -15,8 +15,11 @@ stage and `checkpoint.load` share:
   bitsandbytes 8-bit serialization, which `AutoModelForCausalLM.from_pretrained` reads too).
 - `OutlierCounter`: forward pre-hooks that count the input dimensions crossing the threshold.
 
+Linear subclasses (Falcon's FalconLinear) are quantized like nn.Linear; MoE experts once they are per-expert
+linears (compress/moe.py; `prepare_for_load` unfuses the skeleton the same way).
+
 Not supported: 4-bit (load_in_4bit), has_fp16_weights=True (int8 training), CPU/disk offload of the fp32
-parts (llm_int8_enable_fp32_cpu_offload), Linear subclasses other than GPT-2's Conv1D (they stay as they are).
+parts (llm_int8_enable_fp32_cpu_offload).
 bitsandbytes is imported lazily: without it `require_bitsandbytes()` raises a CompressError.
 """
 
@@ -96,11 +99,13 @@ def _output_embedding_names(model: nn.Module) -> list[str]:
 
 
 def quantizable_linears(model: nn.Module, skip: list[str] | None) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every plain nn.Linear / Conv1D not matched by `skip`, in model order."""
+    """(name, module) of every nn.Linear (subclasses too: Falcon's FalconLinear computes the same x W^T + b) and
+    Conv1D not matched by `skip`, in model order; bitsandbytes' own (already quantized) linears are left out."""
     conv1d = _conv1d_type()
     return [
         (name, m) for name, m in model.named_modules()
-        if (type(m) is nn.Linear or isinstance(m, conv1d)) and not is_skipped(name, skip)
+        if (isinstance(m, (nn.Linear, conv1d)) and not type(m).__module__.startswith("bitsandbytes"))
+        and not is_skipped(name, skip)
     ]
 
 
@@ -210,6 +215,9 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> nn.Module:
         raise CompressError("bitsandbytes checkpoint has llm_int8_has_fp16_weight=true (int8 training); not supported")
     require_bitsandbytes()
     quiet_cast_warning()
+    from compress import moe
+
+    moe.unfuse(model, copy=False)  # the int8 stage quantized MoE experts per expert (compress/moe.py)
     threshold = float(qc.get("llm_int8_threshold", 6.0))
     skip = modules_to_skip(model, qc.get("llm_int8_skip_modules"))
     for name, linear in quantizable_linears(model, skip):

@@ -22,12 +22,22 @@ block). On CPU a memory-mapped input
 (how every stage input is loaded) gives back each finished block's replaced weights (measure.page_out_mapped), so
 RSS holds the input less the finished blocks, plus their packed form and one block's working set.
 
-The returned model holds QuantLinear modules (packed qweight/qzeros/scales/g_idx), everything else in `dtype`
-(float16 by default, as GPTQ checkpoints are), and `config.quantization_config` set for a v1 checkpoint that
-transformers (+optimum+gptqmodel), GPTQModel and vLLM load.
+Mixture of experts (Mixtral, Qwen3-MoE): each block's fused experts become per-expert linears first
+(compress/moe.py, same logits), and each expert is quantized on its own: its Hessian comes from the calibration
+tokens the router sent to it; all experts' gate/up in one pass, then all downs in the next. An expert that got no
+calibration token gets RTN codes (stats.experts.rtn_fallback counts them). The router stays unquantized, in
+`dtype`. The checkpoint holds the experts per expert under the family's own names (Qwen3-MoE
+mlp.experts.E.gate_proj/up_proj/down_proj, Mixtral block_sparse_moe.experts.E.w1/w3/w2), the layout GPTQModel
+and vLLM read for these models.
 
-Not supported: GPTQ v2 format, 3-bit layers whose out_features is not a multiple of 32, MoE experts that get no
-calibration tokens, encoder-decoder models, quantizing lm_head or embeddings.
+The returned model holds QuantLinear modules (packed qweight/qzeros/scales/g_idx), everything else in `dtype`
+(float16 by default, as GPTQ checkpoints are; bfloat16 for families that overflow float16, Gemma), and
+`config.quantization_config` set for a v1 checkpoint that transformers (+optimum+gptqmodel), GPTQModel and vLLM
+load. Stats say which share of the parameters, and of the blocks' linear weights, is quantized; a run that would
+quantize less than half of the blocks' linear weights (say, everything skipped) is refused before any work.
+
+Not supported: GPTQ v2 format, linears whose in or out features times bits is not a multiple of 32 (refused
+before any work: skip them), encoder-decoder models, quantizing lm_head, embeddings or MoE routers.
 """
 
 from __future__ import annotations
@@ -43,11 +53,11 @@ from torch import nn
 from compress.algorithms.gptq import (
     BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
 )
-from compress import measure, memory
+from compress import families, measure, memory, moe
 from compress.errors import CompressError
 from compress.modeling import (
-    StopForward, call_block, capture_layer_inputs, decoder_layers_with_name, linear_weight, linears, move,
-    set_linear_weight, set_submodule, trace_block,
+    MIN_QUANTIZED_FRACTION, StopForward, call_block, capture_layer_inputs, decoder_layers_with_name, linear_weight,
+    linears, move, quantized_fraction, set_linear_weight, set_submodule, trace_block,
 )
 
 NAME = "gptq"
@@ -72,7 +82,8 @@ class Config:
     batch_size: int = 8             # sequences per forward through a block (memory vs speed)
     calibration: str | None = None  # text source for calibration; default: the pipeline's data.calibration
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  # linears kept in full precision (name, suffix or regex)
-    dtype: str = "float16"          # dtype of everything not quantized (embeddings, norms, lm_head, bias)
+    dtype: str = "auto"             # dtype of everything not quantized (embeddings, norms, lm_head, bias, MoE routers):
+    # auto = float16 (what GPTQ checkpoints and kernels use), bfloat16 for families that overflow float16 (Gemma)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -88,8 +99,8 @@ class Config:
         for name in ("block_size", "nsamples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise CompressError(f"gptq: {name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise CompressError(f"gptq: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise CompressError(f"gptq: dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.skip, list) or not all(isinstance(s, str) for s in self.skip):
             raise CompressError(f"gptq: skip must be a list of module names, got {self.skip!r}")
 
@@ -141,6 +152,18 @@ def _linear_groups(shape: memory.ModelShape) -> list[list[tuple]]:
     return [[l] for l in shape.linears]
 
 
+def _expert_solvers(lin: list, hidden: int) -> int:
+    """Bytes of the GPTQ solvers alive in one MoE step (every expert's H [C, C] and stacked W [R, C] in fp32, one
+    step for all gate/up, one for all down): the larger step. 0 without experts."""
+    experts: dict[str, list] = {}
+    for name, i, o in lin:
+        if ".experts." in f".{name}":
+            experts.setdefault(name.rsplit(".", 1)[0], []).append((i, o))
+    gate_up = sum(hidden ** 2 + sum(o for i, o in ls if i == hidden) * hidden for ls in experts.values())
+    down = sum(i * i + o * i for ls in experts.values() for i, o in ls if i != hidden)
+    return 4 * max(gate_up, down) if experts else 0
+
+
 def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
     """This stage's memory: calibration hidden states in fp32, one block at a time in fp32, true-sequential
     passes that replay recorded sub-module outputs, one GPTQ solver per linear group; everything not quantized
@@ -151,7 +174,7 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     shape = state.shape
     bits, g = cfg.bits, cfg.group_size
     n, seq, batch = cfg.nsamples, cfg.seq_len, cfg.batch_size
-    out_dtype = memory.dtype_name(cfg.dtype)
+    out_dtype = memory.dtype_name(cfg.dtype if cfg.dtype != "auto" else families.half_dtype(shape.config))
     skip = tuple(cfg.skip)
     out = dataclasses.replace(state, format="gptq", bits=bits, group_size=g, dtype=out_dtype, skip=skip)
     lin = out.quantized_linears()
@@ -166,7 +189,7 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     released = -per_block * (shape.layers - 1)
     first_packed = packed // max(shape.layers, 1)
     if cfg.method == "rtn":
-        work = {"RTN transients (largest linear)": max(i * o for _, i, o in lin) * 4 * 4,  # W fp32, codes, Q, error
+        work = {"RTN transients (largest linear)": max((i * o for _, i, o in lin), default=0) * 4 * 4,  # W, codes, Q, error
                 "block results (Q fp32 + codes)": results}
         if block_copy:
             work["fp32 copy of one block"] = block_copy
@@ -193,7 +216,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
             replay = tokens * 4 * (groups[1][0][1] + groups[3][0][1])
     # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, error terms ~ 8 R*C; H, its
     # scaled and raw copies, Cholesky inverse ~ 5 C^2 (compress/algorithms/gptq.py)
-    solver = max((8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups)
+    solver = max(((8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups), default=0)
+    experts = _expert_solvers(lin, h)
     forward = memory.inference_layer_bytes(shape, 4, batch, seq)
     main = {"block inputs + outputs (fp32)": io}
     if replay:
@@ -202,6 +226,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     else:
         main["GPTQ solver or block forward (fp32), the larger"] = max(solver, forward)
     main["block results (Q fp32 + codes)"] = results
+    if experts:
+        main["expert Hessians + weights (every expert of one step)"] = experts
     if block_copy:
         main["fp32 copy of one block"] = block_copy
     phases = {
@@ -249,9 +275,12 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
     if getattr(getattr(model, "config", None), "quantization_config", None):
         raise CompressError("gptq: the input model is already quantized; quantize a float model (use from: base)")
     model.eval()
-    dtype = DTYPES[cfg.dtype]
+    fam = families.find(model)
+    dtype_name = resolve_dtype(cfg, model)
+    dtype = DTYPES[dtype_name]
     layers_name, layers = decoder_layers_with_name(model)
     device = torch.device(ctx.device)
+    block_params = check_coverage(layers, layers_name, fam, cfg)  # before any work: refuse what would not quantize
 
     inputs = None
     if cfg.method == "gptq":
@@ -261,43 +290,58 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
             for h, r, kw in capture_layer_inputs(model, batches, device)
         ]
 
-    groups = None  # linears sharing an input, in execution order (Llama: [[q, k, v], [o], [gate, up], [down]])
+    steps = None  # passes of a block, each a list of linear sets that share an input (see _steps)
+    traced = None  # the linear names of the block the steps were traced on (MoE models mix dense blocks in)
     spans: dict[str, int] = {}  # submodule -> linears run by its end (which outputs are final after which group)
     tails: dict[str, tuple] = {}  # submodule -> (linear, position, length): its output is that linear's
     replay_ok = False  # whether recorded submodule outputs of one block fit in memory (set after the trace)
     layer_stats, skipped, quantized_bits, quantized_params = [], [], 0, 0
+    order: list[str] = []  # linear names in block order, over all blocks
+    sets_seen: list[list[str]] = []  # linear sets sharing an input, in order, over all blocks
+    present: list[set] = []  # per block: its linears
+    experts = {"experts": 0, "rtn_fallback": 0, "rtn_fallback_linears": 0}
     for i in ctx.progress(range(len(layers)), desc=f"{cfg.method} layers", total=len(layers), unit="layer"):
         t_layer = time.perf_counter()
         block = layers[i]
         home = next(block.parameters()).device
         originals = list(block.state_dict().values())  # the input's tensors, for page_out_mapped below
+        experts["experts"] += moe.unfuse_block(block, fam)  # fused 3-D experts -> per-expert linears (same numbers)
         block.to(device=device, dtype=torch.float32)
         names = list(linears(block))
-        if groups is None:
-            groups, spans, tails = _trace(block, inputs, names)
+        lists = moe.expert_lists(block)
+        if steps is None or names != traced:
+            steps, spans, tails = _steps(block, inputs, names, lists)
+            traced = names
             if inputs is not None:
-                replay_ok = _replay_fits(block, groups, tokens.numel(), device)
+                replay_ok = _replay_fits(block, [[n for s in st for n in s if not _inside(n, lists)] for st in steps],
+                                         tokens.numel(), device)
+        present.append(set(names))
+        order += [n for n in names if n not in order]
+        sets_seen += [s for st in steps for s in st if s not in sets_seen]
         wanted = [n for n in names if not name_matches(f"{layers_name}.{i}.{n}", cfg.skip)]
         skipped += [f"{layers_name}.{i}.{n}" for n in names if n not in wanted]
         results: dict[str, QuantResult] = {}
+        seen: dict[str, int] = {}  # linear -> calibration tokens that reached it (experts: those routed to it)
         if cfg.method == "rtn":
             for n in wanted:
                 results[n] = rtn(linear_weight(block.get_submodule(n)), cfg.bits, cfg.group_size, cfg.sym)
         else:
+            flat = [[n for s in st for n in s] for st in steps]
             if cfg.true_sequential:
                 replay = {} if replay_ok else None  # submodule name -> its recorded output per batch
-                for k, group in enumerate(groups):
-                    members = [n for n in group if n in wanted]
-                    if members:  # groups before k are final now: record their outputs once, replay them after
+                for k, step in enumerate(steps):
+                    sets = [m for m in ([n for n in s if n in wanted] for s in step) if m]
+                    members = [n for s in sets for n in s]
+                    if members:  # steps before k are final now: record their outputs once, replay them after
                         catch = {} if replay is None else _to_catch(tails, members, replay)
                         record = [] if replay is None else [
-                            m for m in _to_record(groups, spans, k, replay) if not _inside(m, catch)]
-                        results.update(_gptq_pass(block, [members], inputs, cfg, record, replay, catch))
+                            m for m in _to_record(flat, spans, k, replay) if not _inside(m, catch)]
+                        results.update(_gptq_pass(block, sets, inputs, cfg, record, replay, catch, seen))
                         del catch  # its tails live on in replay, until the block is done
             else:  # one forward of the unquantized block feeds every Hessian
-                sets = [[n for n in g if n in wanted] for g in groups]
+                sets = [m for m in ([n for n in s if n in wanted] for st in steps for s in st) if m]
                 replay = None
-                results.update(_gptq_pass(block, [s for s in sets if s], inputs, cfg, [], None))
+                results.update(_gptq_pass(block, sets, inputs, cfg, [], None, None, seen))
             inputs = [(out, r, kw) for out, (_, r, kw) in zip(_run_block(block, inputs, replay=replay), inputs)]
             del replay
 
@@ -309,6 +353,15 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
             quantized_bits += storage_bits(q)
             quantized_params += q.in_features * q.out_features
             lin_stats[n] = _linear_stats(res)
+            if _inside(n, lists) and cfg.method == "gptq":
+                lin_stats[n]["tokens"] = seen.get(n, 0)
+                if not seen.get(n):  # no calibration token was routed to this expert: RTN codes
+                    experts["rtn_fallback_linears"] += 1
+        if cfg.method == "gptq":  # experts none of whose linears saw a token
+            experts["rtn_fallback"] += sum(
+                1 for p in lists for e, ex in enumerate(block.get_submodule(p))
+                if not any(seen.get(f"{p}.{e}.{n}") for n in ex.names) and any(
+                    f"{p}.{e}.{n}" in results for n in ex.names))
         _cast_unquantized(block, dtype)
         block.to(home)
         kept = {t.data_ptr() for t in block.state_dict().values()}
@@ -324,22 +377,26 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
         seconds = time.perf_counter() - t_layer
         layer_stats.append({"index": i, "seconds": round(seconds, 3), "linears": lin_stats})
         if cfg.method == "gptq":
-            err = sum(s["error"] for s in lin_stats.values())
+            err = sum(s.get("error", 0.0) for s in lin_stats.values())
             ctx.log(f"{cfg.method} layer {i + 1}/{len(layers)}: {seconds:.1f}s, output error {err:.4g}")
         else:
             ctx.log(f"{cfg.method} layer {i + 1}/{len(layers)}: {seconds:.1f}s")
+    if experts["rtn_fallback"]:
+        ctx.log(f"gptq: {experts['rtn_fallback']} of {experts['experts']} experts got no calibration token; "
+                "their linears are RTN-quantized (more calibration samples route tokens to more experts)")
 
     _cast_unquantized(model, dtype)
     model.config.dtype = dtype
     # transformers+optimum read which linears of a block are quantized (one list for every block); linears
-    # skipped in some blocks only are listed as exceptions in `dynamic` (GPTQModel, vLLM and our loader read it)
-    order = [n for g in groups for n in g] if groups else names
+    # skipped in some blocks only are listed as exceptions in `dynamic` (GPTQModel, vLLM and our loader read it).
+    # Names are written as the family's checkpoints spell them (Mixtral: block_sparse_moe.experts.E.w1).
+    disk = fam.to_disk if fam is not None else (lambda n: n)
     quantized = [{n for n in layer["linears"]} for layer in layer_stats]
     anywhere = set.union(*quantized) if quantized else set()
-    in_block = [[n for n in g if n in anywhere] for g in (groups or [[n] for n in order])]
+    in_block = [[disk(n) for n in g if n in anywhere] for g in sets_seen]
     in_block = [g for g in in_block if g]
-    partial = [f"{layers_name}.{i}.{n}" for i, q in enumerate(quantized) for n in order
-               if n not in q and any(n in other for other in quantized)]
+    partial = [disk(f"{layers_name}.{i}.{n}") for i, q in enumerate(quantized) for n in order
+               if n in present[i] and n not in q and n in anywhere]
     if partial:
         ctx.log(f"gptq: {len(partial)} linears are skipped in some blocks only; GPTQModel and vLLM honour that "
                 "(quantization_config.dynamic), transformers+optimum do not")
@@ -354,18 +411,80 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
     stats = {
         "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
         "act_order": cfg.act_order, "act_group_aware": cfg.act_group_aware and not cfg.act_order, "format": "gptq-v1",
+        "dtype": dtype_name,
         "quantized_linears": sum(len(s["linears"]) for s in layer_stats), "skipped_linears": skipped,
         "quantized_params": quantized_params,
+        "quantized_fraction": quantized_fraction(quantized_params, total_params, quantized_params, block_params),
         "bits_per_weight": round(quantized_bits / max(quantized_params, 1), 4),  # qweight+qzeros+scales+g_idx
         "bits_per_param_model": round(total_bits / max(total_params, 1), 4),     # incl. fp16 embeddings/norms
         "layers": layer_stats,
     }
+    if experts["experts"]:
+        stats["experts"] = experts if cfg.method == "gptq" else {"experts": experts["experts"]}
     if cfg.method == "gptq":
-        errs = [s for layer in layer_stats for s in layer["linears"].values()]
+        errs = [s for layer in layer_stats for s in layer["linears"].values() if "error" in s]
         stats["error_total"] = sum(s["error"] for s in errs)
         stats["rel_error_mean"] = sum(s["rel_error"] for s in errs) / max(len(errs), 1)
         stats["sequential_groups"] = in_block
     return stats
+
+
+def resolve_dtype(cfg: Config, model) -> str:
+    """The dtype of everything not quantized: the configured one, or for `auto` float16 (what GPTQ kernels expect)
+    unless the family overflows it (Gemma: bfloat16; compress/families.py `fp16_safe`)."""
+    return cfg.dtype if cfg.dtype != "auto" else families.half_dtype(model)
+
+
+def check_coverage(layers, layers_name: str, fam, cfg: Config) -> int:
+    """Before any work: the linears this run will quantize (experts included, as per-expert linears) must hold at
+    least half of the blocks' linear-like weights, and each must fit the GPTQ v1 packing; else a one-line error.
+    Returns the blocks' linear-like parameter count (the quantized fraction's denominator)."""
+    total = covered = 0
+    for i, block in enumerate(layers):
+        total += moe.linear_like_params(block)
+        for n, (fin, fout) in moe.planned_linears(block, fam).items():
+            if name_matches(f"{layers_name}.{i}.{n}", cfg.skip):
+                continue
+            if (fin * cfg.bits) % 32 or (fout * cfg.bits) % 32:
+                raise CompressError(
+                    f"gptq: {layers_name}.{i}.{n} is [{fout}, {fin}]; {cfg.bits}-bit GPTQ v1 packing needs in and out "
+                    f"features times {cfg.bits} divisible by 32: skip it (gptq.skip) or use other bits")
+            covered += fin * fout
+    who = fam.name if fam is not None else "this model"
+    if total and covered < MIN_QUANTIZED_FRACTION * total:
+        raise CompressError(
+            f"gptq would quantize only {100 * covered / total:.0f}% of the linear weights in the blocks of {who} "
+            f"(skip={cfg.skip}); refusing a mostly unquantized result (families with experts: "
+            f"{', '.join(families.supported(lambda f: f.is_moe()))})")
+    return total
+
+
+def _steps(block: nn.Module, inputs, names: list[str], lists: list[str]):
+    """(steps, spans, tails) of a block: steps are the GPTQ passes in order, each a list of linear sets that share
+    one input (one Hessian per set). Dense: one set per step (Llama: [q,k,v], [o], [gate,up], [down]). A MoE
+    block's experts make two steps: every expert's [gate, up] (each its own Hessian, from the tokens routed to
+    it), then every expert's [down]: experts read the same block input, so quantizing one never changes another's
+    inputs, and two passes serve them all. Spans and tails inside the experts (and after them) are dropped: which
+    experts run differs from batch to batch, so their outputs are never replayed. RTN: one linear per step."""
+    if inputs is None:
+        return [[[n]] for n in names], {}, {}
+    h, r, kw = inputs[0]
+    groups, spans, tails = trace_block(block, h, r, kw, optional=tuple(lists))
+    if not lists:
+        return [[g] for g in groups], spans, tails
+    first = next((k for k, g in enumerate(groups) if _inside(g[0], lists)), len(groups))
+    before = sum(len(g) for g in groups[:first])
+    dense = [g for g in groups if not _inside(g[0], lists)]
+    gate_up, down = [], []
+    for p in lists:
+        for e, expert in enumerate(block.get_submodule(p)):
+            g, u, d = expert.names
+            gate_up.append([f"{p}.{e}.{g}", f"{p}.{e}.{u}"])
+            down.append([f"{p}.{e}.{d}"])
+    steps = [[g] for g in dense[:first]] + [gate_up, down] + [[g] for g in dense[first:]]
+    spans = {m: k for m, k in spans.items() if k <= before and not _inside(m, lists)}
+    tails = {m: t for m, t in tails.items() if not _inside(t[0], lists) and not _inside(m, lists)}
+    return steps, spans, tails
 
 
 class _Tail:
@@ -491,14 +610,6 @@ def _replay_fits(block: nn.Module, groups: list[list[str]], n_tokens: int, devic
     return need <= free // 4
 
 
-def _trace(block: nn.Module, inputs, names: list[str]) -> tuple[list[list[str]], dict[str, int], dict[str, tuple]]:
-    """(linear groups in execution order, submodule spans, tails) traced on the first batch; RTN: one group per linear."""
-    if inputs is None:
-        return [[n] for n in names], {}, {}
-    h, r, kw = inputs[0]
-    return trace_block(block, h, r, kw)
-
-
 def _inside(name: str, outer) -> bool:
     """Is submodule `name` one of `outer` or inside one of them?"""
     return any(name == o or name.startswith(o + ".") for o in outer)
@@ -529,7 +640,7 @@ def _to_record(groups: list[list[str]], spans: dict[str, int], k: int, replay: d
 @torch.no_grad()
 def _gptq_pass(
     block: nn.Module, sets: list[list[str]], inputs, cfg: Config, record: list[str], replay: dict | None,
-    catch: dict | None = None,
+    catch: dict | None = None, seen: dict | None = None,
 ) -> dict[str, QuantResult]:
     """One calibration pass through the block, then GPTQ for the linears in `sets`; sets Q as their weights.
 
@@ -537,6 +648,8 @@ def _gptq_pass(
     With true_sequential a pass has one set; without it, a pass holds every set of the block (one forward, all
     inputs from the unquantized block). The forward stops at the input of the last set. `catch` (submodule -> _Tail):
     the inputs of their last linears are kept, and after quantization the tails join `replay`.
+    A set that no calibration token reached (a MoE expert the router never picked) gets RTN codes instead; `seen`
+    (when given) receives each linear's calibration token count.
     """
     catch = catch or {}
     members = [n for s in sets for n in s]
@@ -565,11 +678,16 @@ def _gptq_pass(
 
     out: dict[str, QuantResult] = {}
     for s, solver in zip(sets, solvers):
-        res = solver.quantize(
-            bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
-            static_groups=cfg.static_groups, damp_percent=cfg.damp_percent, blocksize=cfg.block_size,
-            group_aware=cfg.act_group_aware,
-        )
+        if seen is not None:
+            seen.update({n: solver.nsamples for n in s})
+        if solver.nsamples == 0:  # no Hessian: an expert no calibration token was routed to
+            res = rtn(solver.W, cfg.bits, cfg.group_size, cfg.sym)
+        else:
+            res = solver.quantize(
+                bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
+                static_groups=cfg.static_groups, damp_percent=cfg.damp_percent, blocksize=cfg.block_size,
+                group_aware=cfg.act_group_aware,
+            )
         r0 = 0
         for n in s:
             rows = linear_weight(mods[n]).shape[0]

@@ -3,8 +3,13 @@
     stages:
       - int8: {threshold: 6.0, skip: [lm_head], dtype: bfloat16}
 
-Every nn.Linear outside `skip` becomes a bitsandbytes `Linear8bitLt`: int8 weights with one absmax scale
-per output row; at run time input dimensions holding a value with |x| >= threshold are multiplied in 16-bit.
+Every nn.Linear (and subclass, e.g. Falcon's; and GPT-2's Conv1D) outside `skip` becomes a bitsandbytes
+`Linear8bitLt`: int8 weights with one absmax scale per output row; at run time input dimensions holding a value
+with |x| >= threshold are multiplied in 16-bit. MoE experts (Mixtral, Qwen3-MoE), fused 3-D tensors in
+transformers 5, first become per-expert linears (compress/moe.py) and are quantized one Linear8bitLt per expert
+linear; the router stays in `dtype`. Such a checkpoint reloads with `checkpoint.load` only: transformers 5 fuses
+experts on load and its bitsandbytes path leaves fused experts alone. Stats give the quantized share of all
+parameters and of the blocks' linear weights; a run that would leave most of the latter unquantized is refused.
 Embeddings, norms and skipped linears are cast to `dtype` (16-bit by default, not float32 as a direct
 transformers load on CPU leaves them; `dtype: float32` gives that load's numbers exactly, at 35% more memory
 on SmolLM2). The returned model carries `config.quantization_config` in transformers' bitsandbytes 8-bit form,
@@ -26,8 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress import memory
+from compress import families, memory, moe
 from compress.algorithms import int8 as core
+from compress.modeling import MIN_QUANTIZED_FRACTION, quantized_fraction
 from compress.context import Context
 from compress.errors import CompressError
 
@@ -95,9 +101,17 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
     input_bytes = core.state_bytes(model)
 
     skip = core.modules_to_skip(model, cfg.skip)
+    block_params, planned = coverage(model, skip)  # before any work: refuse what would stay mostly unquantized
+    fam = families.find(model)
+    who = fam.name if fam is not None else type(model).__name__
+    if block_params and planned < MIN_QUANTIZED_FRACTION * block_params:
+        raise CompressError(
+            f"int8 would quantize only {100 * planned / block_params:.0f}% of the linear weights in the blocks of "
+            f"{who} (skip={skip}); refusing a mostly unquantized result; check int8.skip")
+    experts = moe.unfuse(model)  # fused MoE experts -> per-expert linears (same logits), quantized one by one
     targets = core.quantizable_linears(model, skip)
     if not targets:
-        raise CompressError(f"int8 found no nn.Linear to quantize (skip={skip}); check int8.skip")
+        raise CompressError(f"int8 found no linear to quantize in {who} (skip={skip}); check int8.skip")
     bf16_bytes = sum(2 * sum(p.numel() for p in m.parameters()) for _, m in targets)
 
     ctx.log(f"int8: quantizing {len(targets)} linears on {ctx.device} (threshold {cfg.threshold}, rest in {cfg.dtype})")
@@ -110,15 +124,22 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
 
     int8_bytes = sum(core.state_bytes(model.get_submodule(n)) for n in names)
     output_bytes = core.state_bytes(model)
+    quantized = sum(model.get_submodule(n).weight.numel() for n in names)
+    in_blocks = sum(model.get_submodule(n).weight.numel() for n in names if _in_blocks(model, n))
+    total = sum(p.numel() for p in model.parameters())
     stats = {
         "threshold": cfg.threshold,
         "dtype": cfg.dtype,
         "skip": skip,
         "quantized_linears": len(names),
+        "quantized_params": quantized,
+        "quantized_fraction": quantized_fraction(quantized, total, in_blocks, block_params),
         "linear_bytes": {"int8": int8_bytes, "bf16": bf16_bytes, "ratio": round(int8_bytes / bf16_bytes, 4)},
         "model_bytes": {"input": input_bytes, "output": output_bytes, "ratio": round(output_bytes / input_bytes, 4)},
         "outliers": None,
     }
+    if experts:
+        stats["experts"] = {"experts": experts}
 
     blocks = calibration_tokens(tokenizer, cfg, ctx)
     if blocks is None:
@@ -137,6 +158,33 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
     return model, stats
 
 
+def _blocks(model):
+    """(dotted name, block list) of the model: its family's, else the generic repeated-block finder."""
+    from compress.modeling import decoder_layers_with_name
+
+    fam = families.find(model)
+    if fam is not None and fam.get(model, fam.layers) is not None:
+        return fam.layers, fam.layer_list(model)
+    return decoder_layers_with_name(model)
+
+
+def _in_blocks(model, name: str) -> bool:
+    return name.startswith(_blocks(model)[0] + ".")
+
+
+def coverage(model, skip: list[str]) -> tuple[int, int]:
+    """(linear-like parameters of the blocks, those the int8 stage will quantize): linears and experts (as the
+    per-expert linears compress/moe.py makes of them), counted before anything changes."""
+    fam = families.find(model)
+    layers_name, layers = _blocks(model)
+    total = planned = 0
+    for i, block in enumerate(layers):
+        total += moe.linear_like_params(block)
+        planned += sum(fin * fout for n, (fin, fout) in moe.planned_linears(block, fam).items()
+                       if not core.is_skipped(f"{layers_name}.{i}.{n}", skip))
+    return total, planned
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Memory model (compress/planner.py runs it)
 
@@ -153,7 +201,7 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     out_dtype = memory.dtype_name(cfg.dtype)
     out = dataclasses.replace(state, format="bnb-int8", dtype=out_dtype, skip=tuple(cfg.skip))
     lin = out.quantized_linears()
-    i_max, o_max = max(((i, o) for _, i, o in lin), key=lambda t: t[0] * t[1])
+    i_max, o_max = max(((i, o) for _, i, o in lin), key=lambda t: t[0] * t[1], default=(0, 0))
     terms = {
         "int8 weights + row scales": shape.layers * sum(i * o + 4 * o for _, i, o in lin),
         "fp16 copy of one linear + quantize temporaries": i_max * o_max * (2 + 2 + 1),

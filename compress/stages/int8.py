@@ -125,7 +125,8 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
     int8_bytes = sum(core.state_bytes(model.get_submodule(n)) for n in names)
     output_bytes = core.state_bytes(model)
     quantized = sum(model.get_submodule(n).weight.numel() for n in names)
-    in_blocks = sum(model.get_submodule(n).weight.numel() for n in names if _in_blocks(model, n))
+    prefix = _blocks(model)[0] + "."
+    in_blocks = sum(model.get_submodule(n).weight.numel() for n in names if n.startswith(prefix))
     total = sum(p.numel() for p in model.parameters())
     stats = {
         "threshold": cfg.threshold,
@@ -166,10 +167,6 @@ def _blocks(model):
     if fam is not None and fam.get(model, fam.layers) is not None:
         return fam.layers, fam.layer_list(model)
     return decoder_layers_with_name(model)
-
-
-def _in_blocks(model, name: str) -> bool:
-    return name.startswith(_blocks(model)[0] + ".")
 
 
 def coverage(model, skip: list[str]) -> tuple[int, int]:

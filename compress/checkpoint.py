@@ -181,13 +181,18 @@ def _config_dtype(config: dict) -> torch.dtype:
 
 
 def _tied_keys(model) -> set[str]:
-    """State-dict keys that are tied to another parameter (e.g. lm_head.weight with tied embeddings)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    out = model.get_output_embeddings()
-    if out is None:
-        return set()
-    return {n + ".weight" for n, m in model.named_modules() if m is out}
+    """State-dict keys whose tensor is the very tensor of an earlier key: tied output embeddings (lm_head.weight),
+    BERT's cls.predictions.decoder.bias (its cls.predictions.bias). Saved once, under the first key, as
+    save_pretrained does; loading one fills both."""
+    seen, tied = set(), set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ident in seen:
+            tied.add(key)
+        seen.add(ident)
+    return tied
 
 
 # --------------------------------------------------------------------------------------------- save

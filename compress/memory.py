@@ -264,7 +264,7 @@ def describe(model_config: Any) -> ModelShape:
 @lru_cache(maxsize=64)
 def _describe_cached(config_json: str) -> ModelShape:
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     raw = json.loads(config_json)
     if not raw.get("model_type"):
@@ -277,9 +277,10 @@ def _describe_cached(config_json: str) -> ModelShape:
     from compress.checkpoint import auto_class
 
     auto = auto_class(raw)
-    if auto is AutoModel and not raw.get("architectures") and families.find(raw) is not None \
-            and not families.find(raw).encoder:
-        auto = AutoModelForCausalLM  # a bare config of a decoder family: assume its causal-LM head
+    fam = families.find(raw)
+    if auto is AutoModel and not raw.get("architectures") and (
+            (fam is not None and not fam.encoder) or config.model_type == "gemma"):
+        auto = AutoModelForCausalLM  # a config without architectures, of a decoder family: its causal-LM head
     with torch.device("meta"):  # no storage: exact shapes at no memory cost
         model = auto.from_config(config)
     return _shape_from_model(model, raw)

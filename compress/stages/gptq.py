@@ -298,6 +298,7 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
     layer_stats, skipped, quantized_bits, quantized_params = [], [], 0, 0
     order: list[str] = []  # linear names in block order, over all blocks
     sets_seen: list[list[str]] = []  # linear sets sharing an input, in order, over all blocks
+    known_sets: set[tuple] = set()
     present: list[set] = []  # per block: its linears
     experts = {"experts": 0, "rtn_fallback": 0, "rtn_fallback_linears": 0}
     for i in ctx.progress(range(len(layers)), desc=f"{cfg.method} layers", total=len(layers), unit="layer"):
@@ -317,7 +318,9 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
                                          tokens.numel(), device)
         present.append(set(names))
         order += [n for n in names if n not in order]
-        sets_seen += [s for st in steps for s in st if s not in sets_seen]
+        for s in (s for st in steps for s in st if tuple(s) not in known_sets):
+            known_sets.add(tuple(s))
+            sets_seen.append(s)
         wanted = [n for n in names if not name_matches(f"{layers_name}.{i}.{n}", cfg.skip)]
         skipped += [f"{layers_name}.{i}.{n}" for n in names if n not in wanted]
         results: dict[str, QuantResult] = {}

@@ -442,6 +442,7 @@ def check_coverage(layers, layers_name: str, fam, cfg: Config) -> int:
     """Before any work: the linears this run will quantize (experts included, as per-expert linears) must hold at
     least half of the blocks' linear-like weights, and each must fit the GPTQ v1 packing; else a one-line error.
     Returns the blocks' linear-like parameter count (the quantized fraction's denominator)."""
+    who = fam.name if fam is not None else "this model"
     total = covered = 0
     for i, block in enumerate(layers):
         total += moe.linear_like_params(block)
@@ -450,15 +451,14 @@ def check_coverage(layers, layers_name: str, fam, cfg: Config) -> int:
                 continue
             if (fin * cfg.bits) % 32 or (fout * cfg.bits) % 32:
                 raise CompressError(
-                    f"gptq: {layers_name}.{i}.{n} is [{fout}, {fin}]; {cfg.bits}-bit GPTQ v1 packing needs in and out "
-                    f"features times {cfg.bits} divisible by 32: skip it (gptq.skip) or use other bits")
+                    f"gptq: {layers_name}.{i}.{n} of {who} is [{fout}, {fin}]; {cfg.bits}-bit GPTQ v1 packing needs "
+                    f"in and out features times {cfg.bits} divisible by 32: skip it (gptq.skip) or use other bits")
             covered += fin * fout
-    who = fam.name if fam is not None else "this model"
     if total and covered < MIN_QUANTIZED_FRACTION * total:
         raise CompressError(
             f"gptq would quantize only {100 * covered / total:.0f}% of the linear weights in the blocks of {who} "
-            f"(skip={cfg.skip}); refusing a mostly unquantized result (families with experts: "
-            f"{', '.join(families.supported(lambda f: f.is_moe()))})")
+            f"(skip={cfg.skip}); refusing a mostly unquantized result (experts are quantized per expert for "
+            f"{', '.join(families.supported(lambda f: f.is_moe()))}; check gptq.skip)")
     return total
 
 

@@ -82,8 +82,7 @@ class Config:
     batch_size: int = 8             # sequences per forward through a block (memory vs speed)
     calibration: str | None = None  # text source for calibration; default: the pipeline's data.calibration
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  # linears kept in full precision (name, suffix or regex)
-    dtype: str = "auto"             # dtype of everything not quantized (embeddings, norms, lm_head, bias, MoE routers):
-    # auto = float16 (what GPTQ checkpoints and kernels use), bfloat16 for families that overflow float16 (Gemma)
+    dtype: str = "auto"             # what is not quantized (embeddings, norms, lm_head, routers): auto = float16, bfloat16 where it overflows (Gemma)
 
     def __post_init__(self):
         if self.method not in METHODS:

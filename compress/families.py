@@ -150,6 +150,19 @@ class Family:
         value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         return default if value is None else value
 
+    def widths(self, config: Any) -> tuple[int, int, bool]:
+        """(FFN width per token, kv heads, gated FFN) for the memory planner: the width from the family's key
+        (GPT-2 n_inner, OPT ffn_dim, Falcon ffn_hidden_size; unset = 4 * hidden), for MoE the experts' width
+        times the experts each token visits."""
+        hidden, heads = self.config_value(config, "hidden"), self.config_value(config, "heads")
+        width = self.config_value(config, "moe_intermediate") or self.config_value(config, "intermediate") or 4 * hidden
+        if self.is_moe():
+            per_token = config.get("num_experts_per_tok") if isinstance(config, dict) else getattr(
+                config, "num_experts_per_tok", None)
+            width *= int(per_token or 1)
+        return width, self.config_value(config, "kv_heads") or heads, bool(self.ffn.gate or self.ffn.gate_up
+                                                                          or self.is_moe())
+
     def cut_layers(self, config: dict, keep: list[int]) -> dict:
         """`config` (a dict) for the model made of the layers `keep` (old indices, in order): the layer count and
         every per-layer list follow, layer-index lists are renumbered (Qwen3-MoE: a dense layer stays dense)."""
@@ -298,6 +311,30 @@ def require(config: Any, stage: str, pred, why: str = "") -> Family:
         names = ", ".join(supported(pred))
         raise CompressError(f"{stage} does not support {fam.name}{': ' + why if why else ''}; it supports {names}")
     return fam
+
+
+# Llama config names -> Keys roles (changed_config writes them to the family's own keys)
+_ROLES = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
+          "num_key_value_heads": "kv_heads", "intermediate_size": "intermediate", "head_dim": "head_dim"}
+
+
+def changed_config(config: dict, **changes) -> dict:
+    """`config` (a dict) with some fields changed, for shapes of pruned or shallower models: Llama names
+    (num_hidden_layers, intermediate_size...) go to the family's keys (GPT-2 n_layer, OPT ffn_dim...), and a new
+    layer count keeps the per-layer lists consistent (Family.cut_layers on evenly spaced layers: layer_types)."""
+    config = dict(config)
+    fam = find(config)
+    if fam is None:
+        return {**config, **changes}
+    changes = {(getattr(fam.keys, _ROLES[k], None) or k) if k in _ROLES else k: v for k, v in changes.items()}
+    n_old, n_new = config.get(fam.keys.layers), changes.pop(fam.keys.layers, None)
+    if n_new is not None and n_old and n_new != n_old:
+        keep = ([round(j * (n_old - 1) / (n_new - 1)) for j in range(n_new)] if 1 < n_new <= n_old
+                else [0] if n_new == 1 else [j % n_old for j in range(n_new)])
+        config = fam.cut_layers(config, keep)
+    elif n_new is not None:
+        config[fam.keys.layers] = n_new
+    return {**config, **changes}
 
 
 def half_dtype(config: Any) -> str:

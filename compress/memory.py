@@ -209,29 +209,9 @@ class ModelShape:
         return self.layers * sum(o for _, _, o in self.linears)
 
     def with_changes(self, **config_changes) -> "ModelShape":
-        """The shape of the same architecture with some config fields changed (pruned, fewer layers).
-
-        Llama names (num_hidden_layers, hidden_size, intermediate_size...) are written to the family's own keys
-        (GPT-2 n_layer, OPT ffn_dim...), and a new layer count keeps the per-layer config lists consistent
-        (families.Family.cut_layers, on evenly spaced layers: Gemma's and Qwen's layer_types)."""
-        config = dict(self.config)
-        fam = families.find(config)
-        if fam is None:
-            return describe({**config, **config_changes})
-        changes = {(getattr(fam.keys, _ROLES[k], None) or k) if k in _ROLES else k: v for k, v in config_changes.items()}
-        n_old, n_new = config.get(fam.keys.layers), changes.pop(fam.keys.layers, None)
-        if n_new is not None and n_old and n_new != n_old:
-            keep = ([round(j * (n_old - 1) / (n_new - 1)) for j in range(n_new)] if 1 < n_new <= n_old
-                    else [0] if n_new == 1 else [j % n_old for j in range(n_new)])
-            config = fam.cut_layers(config, keep)
-        elif n_new is not None:
-            config[fam.keys.layers] = n_new
-        return describe({**config, **changes})
-
-
-# Llama config names -> families.Keys roles, for ModelShape.with_changes
-_ROLES = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
-          "num_key_value_heads": "kv_heads", "intermediate_size": "intermediate", "head_dim": "head_dim"}
+        """The shape of the same architecture with some config fields changed (pruned, fewer layers); Llama key
+        names go to the family's keys, per-layer lists follow a new layer count (families.changed_config)."""
+        return describe(families.changed_config(self.config, **config_changes))
 
 
 def _config_dict(model_config: Any) -> dict:
@@ -316,18 +296,9 @@ def _shape_from_model(model, raw: dict) -> ModelShape:
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     impl = getattr(cfg, "_attn_implementation", None) or raw.get("attn_implementation") or "sdpa"
     names = {n.split(".")[-1] for n, *_ in linears}
-    if fam is not None:
-        # the FFN width per token: the family's key (GPT-2 n_inner, OPT ffn_dim, Falcon ffn_hidden_size; None
-        # means 4 * hidden), for MoE the experts' width times the experts each token visits
-        intermediate = fam.config_value(cfg, "moe_intermediate") or fam.config_value(cfg, "intermediate") or 4 * hidden
-        if fam.is_moe():
-            intermediate *= int(getattr(cfg, "num_experts_per_tok", 1) or 1)
-        kv_heads = fam.config_value(cfg, "kv_heads") or heads
-        gated = bool(fam.ffn.gate or fam.ffn.gate_up or fam.is_moe())
-    else:
-        intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        gated = "gate_proj" in names
+    intermediate, kv_heads, gated = (fam.widths(cfg) if fam is not None else (
+        getattr(cfg, "intermediate_size", None) or 4 * hidden, getattr(cfg, "num_key_value_heads", None) or heads,
+        "gate_proj" in names))
     return ModelShape(
         config=raw,
         model_type=cfg.model_type,

@@ -54,7 +54,11 @@ def test_stage_runs_or_refuses_naming_the_family(config, stage, corpus, tmp_path
     module, cfg = _stage(stage, corpus)
     data = {"calibration": corpus, "train": [corpus]}
     model, tok = build(config, seed=0)
-    ctx = Context.for_tests(tmp_path, data=data)
+    base = None
+    if stage == "eval":  # the evaluation may compare with the base model (KLD, encoder agreement)
+        base = tmp_path / "base"
+        checkpoint.save(model, tok, base)
+    ctx = Context.for_tests(tmp_path, data=data, base_path=base)
     try:
         planner.predict_stage(module, cfg, planner.initial_state(raw), data=data)
         model, stats = module.run(model, tok, cfg, ctx)

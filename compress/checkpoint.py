@@ -74,8 +74,9 @@ def format_of(config: dict) -> str:
 # --------------------------------------------------------------------------------------------- checks before loading
 
 
-def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
-    """Validate a checkpoint folder before loading it; return its config.json dict."""
+def check_folder(folder: Path, allow_pickle: bool = False, weights: bool = True) -> dict:
+    """Validate a checkpoint folder before loading it; return its config.json dict. weights=False: a folder with
+    only config.json is enough (planning before downloading the weights)."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CompressError(f"{folder} has no config.json: not a model checkpoint folder")
@@ -83,6 +84,8 @@ def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CompressError(f"{cfg_path} is corrupt: {e}") from None
+    if not weights:
+        return config
     has_st = any(p for g in WEIGHT_GLOBS for p in folder.glob(g))
     has_pickle = any(p for g in PICKLE_GLOBS for p in folder.glob(g))
     if not has_st:

@@ -100,8 +100,7 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
     pipeline.stage_position(pipe, until)  # an unknown --until fails here, before anything is loaded
     if dry_run:
         source = pipeline.source_of(pipe)
-        if not force:
-            planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)))
+        planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)), force=force)
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
         return
@@ -272,7 +271,7 @@ def plan(pipeline_file, device, memory_gb):
         target = memory.Device(f"{memory_gb:g} GB", here.type, int(memory_gb * 1e9))
     else:
         target = memory.resolve_device(device) if device else memory.machine(here)
-    plans = planner.plan(pipe, pipeline.source_of(pipe).config, target)
+    plans = planner.plan(pipe, pipeline.source_of(pipe, weights=False).config, target)
     click.echo(planner.format_table(plans, target))
     if any(p.fits is False for p in plans):
         click.get_current_context().exit(1)

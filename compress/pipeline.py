@@ -61,10 +61,10 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def source_of(pipe: Pipeline) -> sources.Source:
-    """The pipeline's model, resolved (and checked) once."""
+def source_of(pipe: Pipeline, weights: bool = True) -> sources.Source:
+    """The pipeline's model, resolved (and checked) once; weights=False: its config is enough (planning)."""
     return sources.resolve(pipe.model, seed=pipe.seed, allow_pickle=pipe.allow_pickle,
-                           trust_remote_code=pipe.trust_remote_code)
+                           trust_remote_code=pipe.trust_remote_code, weights=weights)
 
 
 def stage_position(pipe: Pipeline, name: str | None) -> int:
@@ -117,9 +117,8 @@ def run(
     ranks = Ranks(out, pick_device(pipe.device))
     if ranks.device.type == "cpu":
         measure.fixed_mmap_threshold()  # RSS then follows live tensors: peaks mean what the planner means
-    if ranks.main:
-        if not force:  # before anything is written: a refused run leaves nothing behind
-            planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device))
+    if ranks.main:  # before anything is written: a refused run leaves nothing behind
+        planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device), force=force)
         _check_writable(out)
         _clean_partials(out)
         manifest.write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))

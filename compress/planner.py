@@ -183,10 +183,12 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
     return "\n".join(out)
 
 
-def refuse_if_too_big(pipe, model_config: Any, device: memory.Device) -> list[StagePlan]:
-    """The plans on `device`; a stage predicted not to fit is refused before any work, in one line."""
+def refuse_if_too_big(pipe, model_config: Any, device: memory.Device, force: bool = False) -> list[StagePlan]:
+    """The plans on `device`, made before any work: a stage that cannot take its input (an unsupported family, a
+    quantized input where it needs floats) is refused in one line by its memory model; one predicted not to fit is
+    refused too, unless `force`."""
     plans = plan(pipe, model_config, device)
-    for p in plans:
+    for p in plans if not force else []:
         if p.fits is False:
             raise CompressError(
                 f"stage {p.index:02d}-{p.name} ({p.stage}) is predicted not to fit: " + "; ".join(p.advice)

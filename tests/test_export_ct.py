@@ -40,6 +40,28 @@ def _quantize(model, tok, tmp_path, monkeypatch, **kw):
     return stage.run(model, tok, stage.Config(nsamples=8, seq_len=32, batch_size=4, **kw), ctx)[0]
 
 
+def _compare(gptq_folder, ct_folder, via: str = "compressor") -> tuple[float, float]:
+    """Max relative logit error, library-decompressed export vs our loader, in the checkpoint's fp16 and in fp32.
+
+    Asserts first that every quantized weight the library rebuilt equals ours bit for bit. fp16 logits on CPU also
+    depend on the matmul's memory layout and threads (ours multiplies a transposed view): SmolLM2's move by 4-7%
+    between two layouts of the same weights, and by 13-17% from fp32. So fp32 is where the export is judged.
+    """
+    errs = []
+    for dtype in (torch.float16, torch.float32):
+        ours, _ = checkpoint.load(gptq_folder)
+        ours.to(dtype)
+        theirs, _ = ct.load_with_library(ct_folder, dtype=dtype, via=via)
+        mods = dict(theirs.named_modules())
+        for name, m in ours.named_modules():
+            if hasattr(m, "qweight"):
+                assert torch.equal(mods[name].weight, m.dequantize(dtype)), name
+        ids = checkpoint.probe_input(ours)
+        errs.append(checkpoint.max_rel_error(checkpoint.outputs(ours, ids), checkpoint.outputs(theirs, ids)))
+        del ours, theirs
+    return errs[0], errs[1]
+
+
 def _gptq_folder(tiny_llama, tmp_path, monkeypatch, **kw):
     model, tok = tiny_llama
     model = _quantize(model, tok, tmp_path, monkeypatch, **kw)
@@ -135,15 +157,24 @@ def test_library_decompression_matches_our_loader(tiny_llama, tmp_path, monkeypa
         assert info["written_group_sizes"] == [32, 64] and len(qc["config_groups"]) == 2
         assert any("partial last group" in n for n in info["vllm_notes"])
 
-    ours, _ = checkpoint.load(folder)
-    theirs, _ = ct.load_with_library(tmp_path / "ct")
-    mods = dict(theirs.named_modules())
-    for name, m in ours.named_modules():
-        if hasattr(m, "qweight"):
-            assert torch.equal(mods[name].weight, m.dequantize(torch.float16)), name
-    ids = checkpoint.probe_input(ours)
-    err = checkpoint.max_rel_error(checkpoint.outputs(ours, ids), checkpoint.outputs(theirs, ids))
-    assert err <= 1e-3, err  # weights identical: what is left is fp16 matmul order (ours multiplies a transposed view)
+    err16, err32 = _compare(folder, tmp_path / "ct")  # weights bit for bit, then logits
+    assert err16 <= 1e-3 and err32 <= 1e-5, (err16, err32)
+
+
+@needs_ct
+@pytest.mark.parametrize("sym", [True, False])
+def test_transformers_quantizer_loads_the_export(tiny_llama, tmp_path, monkeypatch, sym):
+    """The user-facing path: from_pretrained through transformers' compressed-tensors quantizer, then the library's
+    ModelCompressor.decompress_model. Partial groups (g128 on in_features 160) -> two config groups."""
+    import compressed_tensors
+
+    if not sym and tuple(int(x) for x in compressed_tensors.__version__.split(".")[:2]) >= (0, 20):
+        pytest.skip("compressed-tensors >= 0.20 leaves weight_zero_point unpacked when it compresses the meta-device "
+                    "model transformers builds, so no asymmetric pack-quantized checkpoint loads this way")
+    _, folder = _gptq_folder(tiny_llama, tmp_path, monkeypatch, method="rtn", group_size=128, sym=sym)
+    ct.export(folder, tmp_path / "ct")
+    err16, err32 = _compare(folder, tmp_path / "ct", via="transformers")
+    assert err16 <= 1e-3 and err32 <= 1e-5, (err16, err32)
 
 
 @needs_ct
@@ -235,9 +266,7 @@ def test_smollm2_rtn_w4_g128_through_the_library(tmp_path, monkeypatch):
     del model
     info = ct.export(tmp_path / "gptq", tmp_path / "ct")
     assert info["written_group_sizes"] == [64, 128] and info["quantized_linears"] == 30 * 7
-    ours, _ = checkpoint.load(tmp_path / "gptq")
-    theirs, _ = ct.load_with_library(tmp_path / "ct")
-    ids = checkpoint.probe_input(ours)
-    err = checkpoint.max_rel_error(checkpoint.outputs(ours, ids), checkpoint.outputs(theirs, ids))
-    print(f"SmolLM2-135M rtn w4 g128: max rel logit error {err:.3g}, export {info['disk_bytes']} bytes")
-    assert err <= 1e-3, err
+    err16, err32 = _compare(tmp_path / "gptq", tmp_path / "ct")  # weights bit for bit, then logits
+    print(f"SmolLM2-135M rtn w4 g128: max rel logit error fp32 {err32:.3g}, fp16 {err16:.3g} (layout noise, see "
+          f"_compare); export {info['disk_bytes']} bytes")
+    assert err32 <= 1e-3, err32

@@ -433,12 +433,16 @@ def _finish(info: dict, dest: Path) -> dict:
 # Reading an export back through the library (verification)
 
 
-def load_with_library(folder: str | Path, dtype: torch.dtype | None = None):
-    """(model, tokenizer) of an exported folder, decompressed by compressed-tensors itself.
+def load_with_library(folder: str | Path, dtype: torch.dtype | None = None, via: str = "compressor"):
+    """(model, tokenizer) of an exported folder, its quantized weights decompressed by compressed-tensors itself.
 
-    transformers' compressed-tensors quantizer builds the model, compressed-tensors' apply_quantization_config and
-    compress_model give its linears the packed layout, the checkpoint tensors load into it, and the library's
-    ModelCompressor.decompress_model dequantizes them (what a forward would trigger). Needs `compressed-tensors`.
+    via "compressor": the float model from config.json, and for every module the library's own matcher assigns to
+    a config group (targets minus ignore), the library's PackedQuantizationCompressor.decompress of its tensors;
+    works alike with compressed-tensors 0.17 to 0.20. via "transformers": AutoModelFor*.from_pretrained with
+    transformers' compressed-tensors quantizer (apply_quantization_config, compress_model, load), then the library's
+    ModelCompressor.decompress_model; with compressed-tensors 0.20 this path cannot load asymmetric checkpoints
+    (its meta-device compress leaves weight_zero_point unpacked, [N, G] against the stored [N*b/32, G]).
+    dtype: of everything not quantized and of the decompressed weights (default: the checkpoint's).
     """
     try:
         import compressed_tensors  # noqa: F401
@@ -451,10 +455,56 @@ def load_with_library(folder: str | Path, dtype: torch.dtype | None = None):
 
     folder = Path(folder)
     config = check_folder(folder)
-    model = auto_class(config).from_pretrained(folder, dtype=dtype or "auto", device_map="cpu")
-    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
-    if compressor is None:
-        raise CompressError(f"{folder} did not load through transformers' compressed-tensors quantizer")
-    compressor.decompress_model(model)
+    if (config.get("quantization_config") or {}).get("quant_method") != "compressed-tensors":
+        raise CompressError(f"{folder} is not a compressed-tensors checkpoint (quantization_config.quant_method)")
+    if via == "transformers":
+        model = auto_class(config).from_pretrained(folder, dtype=dtype or "auto", device_map="cpu")
+        compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+        if compressor is None:
+            raise CompressError(f"{folder} did not load through transformers' compressed-tensors quantizer")
+        compressor.decompress_model(model)
+    elif via == "compressor":
+        model = _decompress_into_skeleton(folder, config, dtype)
+    else:
+        raise CompressError(f"load_with_library: via must be 'compressor' or 'transformers', got {via!r}")
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _decompress_into_skeleton(folder: Path, config: dict, dtype: torch.dtype | None) -> nn.Module:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from compress.checkpoint import _config_dtype, _tied_keys, auto_class
+
+    qc = config["quantization_config"]
+    qconf = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
+    hf_config = AutoConfig.from_pretrained(folder)
+    del hf_config.quantization_config
+    dtype = dtype or _config_dtype(config)
+    model = auto_class(config).from_config(hf_config, dtype=dtype)
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    done = set()
+    for scheme in qconf.config_groups.values():
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or qconf.format)
+        for name, _ in match_named_modules(model, scheme.targets, qconf.ignore):
+            if name in done:
+                raise CompressError(f"{folder}: {name} matches more than one config group")
+            done.add(name)
+            local = {k[len(name) + 1:]: state.pop(k) for k in list(state)
+                     if k.startswith(name + ".") and k[len(name) + 1:].startswith("weight_")}
+            # scales in the model's dtype, as transformers' and vLLM's parameters hold them
+            local = {k: v.to(dtype) if v.is_floating_point() else v for k, v in local.items()}
+            state[f"{name}.weight"] = compressor.decompress(local, scheme)["weight"].to(dtype)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in _tied_keys(model)]
+    if missing or result.unexpected_keys:
+        raise CompressError(f"{folder} does not match its model: missing {missing[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    return model

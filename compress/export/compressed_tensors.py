@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import re
@@ -71,7 +72,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.algorithms.gptq import QuantLinear, pack_rows, unpack_cols
+from compress.algorithms.gptq import pack_rows, unpack_cols
 from compress.errors import CompressError
 
 FORMAT = "pack-quantized"
@@ -80,6 +81,7 @@ MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # vLLM 0.33 marlin_utils.MARLIN_SUPPORTE
 GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 SKIP_FILES = ("config.json", "manifest.json", "model.safetensors.index.json")
 PICKLES = (".bin", ".pt", ".pth", ".ckpt")
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed_modules_mapping shards
 
 
 @dataclass(frozen=True)
@@ -382,7 +384,8 @@ def _convert(keys, get, config: dict, settings: tuple[int, int, bool], skeleton:
         if k not in quantized_keys:
             state[k] = get(k).contiguous()
 
-    ignore = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in assigned]
+    linear_names = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
+    ignore = [n for n in linear_names if n not in assigned]
     qc = quantization_config(assigned, ignore, layers_name)
     src_qc = config.get("quantization_config") or {}
     info = {
@@ -390,24 +393,30 @@ def _convert(keys, get, config: dict, settings: tuple[int, int, bool], skeleton:
         "written_group_sizes": sorted({a.group_size for a in assigned.values()}), "actorder": actorder,
         "quantized_linears": len(names), "ignore": qc["ignore"], "config_groups": len(qc["config_groups"]),
         "vllm_notes": vllm_notes(set(assigned.values()), str(config.get("dtype") or config.get("torch_dtype")),
-                                 regrouped, _split_fused(assigned, src_qc, layers_name)),
+                                 regrouped, _split_fused(assigned, linear_names, src_qc)),
     }
     if src_qc.get("sym", True) and not symmetric:
         info["vllm_notes"].append("the GPTQ config says sym but its zero points vary: written asymmetric")
     return state, qc, info
 
 
-def _split_fused(assigned: dict, src_qc: dict, layers_name: str | None) -> list[str]:
-    """Blocks where a group of linears reading one input (GPTQ's modules_in_block_to_quantize) is quantized in part."""
-    groups = src_qc.get("modules_in_block_to_quantize") or []
-    blocks = {n.split(".")[len(layers_name.split("."))] for n in assigned} if layers_name else set()
+def _split_fused(assigned: dict, linear_names: list[str], src_qc: dict) -> list[str]:
+    """Sibling linears that vLLM fuses into one layer (q/k/v, gate/up; or a group of GPTQ's
+    modules_in_block_to_quantize, which read one input) but that are quantized in part."""
+    shard_sets = [set(s) for s in VLLM_FUSED]
+    shard_sets += [{n.rpartition(".")[2] for n in g} for g in src_qc.get("modules_in_block_to_quantize") or [] if len(g) > 1]
+    by_parent: dict[str, set[str]] = {}
+    for name in linear_names:
+        parent, _, child = name.rpartition(".")
+        by_parent.setdefault(parent, set()).add(child)
     out = []
-    for i in sorted(blocks, key=int):
-        for group in groups:
-            got = [f"{layers_name}.{i}.{n}" in assigned for n in group]
-            if any(got) and not all(got):
-                out.append(f"{layers_name}.{i}: {group}")
-    return out
+    for parent, children in sorted(by_parent.items()):
+        for shards in shard_sets:
+            present = sorted(shards & children)
+            got = [f"{parent}.{c}" in assigned for c in present]
+            if len(present) > 1 and any(got) and not all(got):
+                out.append(f"{parent}: {present}")
+    return sorted(set(out))
 
 
 def _check_dest(dest: Path) -> None:
@@ -444,11 +453,9 @@ def load_with_library(folder: str | Path, dtype: torch.dtype | None = None, via:
     (its meta-device compress leaves weight_zero_point unpacked, [N, G] against the stored [N*b/32, G]).
     dtype: of everything not quantized and of the decompressed weights (default: the checkpoint's).
     """
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("compressed_tensors") is None:
         raise CompressError("loading a compressed-tensors checkpoint needs the compressed-tensors package "
-                            "(pip install compressed-tensors==0.17.0, the version vLLM 0.33 pins)") from None
+                            "(pip install compressed-tensors==0.17.0, the version vLLM 0.33 pins)")
     from transformers import AutoTokenizer
 
     from compress.checkpoint import auto_class, check_folder

@@ -48,7 +48,7 @@ stored in plain order) when the source had desc_act with a monotone g_idx (stati
 
 Refused, in one line (CompressError): 3 bits (compressed-tensors 0.17, which vLLM 0.33 pins, packs 10 codes per
 word with 2 bits spare, 0.18+ a dense bit stream: no one layout reads right everywhere); act_order without
-static_groups (a non-monotone g_idx needs actorder "group", which compressed-tensors >= 0.20 and vLLM >= 0.33 no
+static_groups (a non-monotone g_idx needs actorder "group", which compressed-tensors >= 0.19 and vLLM 0.33 no
 longer load); GPTQ v2 checkpoints and pack dtypes other than int32; GPT-2-style Conv1D layers (the format
 targets nn.Linear modules with [out, in] weights).
 
@@ -160,7 +160,7 @@ def check_g_idx(g_idx: torch.Tensor, group_size: int, name: str = "linear") -> N
     if not torch.equal(g_idx.to(torch.int64), torch.arange(K, dtype=torch.int64) // group_size):
         raise CompressError(
             f"compressed-tensors export: {name} was quantized with act_order groups in activation order (g_idx not "
-            "k // group_size), which compressed-tensors >= 0.20 and vLLM >= 0.33 no longer load (actorder 'group'); "
+            "k // group_size), which compressed-tensors >= 0.19 and vLLM 0.33 no longer load (actorder 'group'); "
             "quantize with gptq act_order: true and static_groups: true, or act_order: false "
             "(act_group_aware: true, the default, keeps most of its gain)"
         )
@@ -404,7 +404,8 @@ def _split_fused(assigned: dict, linear_names: list[str], src_qc: dict) -> list[
     """Sibling linears that vLLM fuses into one layer (q/k/v, gate/up; or a group of GPTQ's
     modules_in_block_to_quantize, which read one input) but that are quantized in part."""
     shard_sets = [set(s) for s in VLLM_FUSED]
-    shard_sets += [{n.rpartition(".")[2] for n in g} for g in src_qc.get("modules_in_block_to_quantize") or [] if len(g) > 1]
+    in_block = src_qc.get("modules_in_block_to_quantize") or []
+    shard_sets += [{n.rpartition(".")[2] for n in g} for g in in_block if len(g) > 1]
     by_parent: dict[str, set[str]] = {}
     for name in linear_names:
         parent, _, child = name.rpartition(".")
@@ -447,10 +448,11 @@ def load_with_library(folder: str | Path, dtype: torch.dtype | None = None, via:
 
     via "compressor": the float model from config.json, and for every module the library's own matcher assigns to
     a config group (targets minus ignore), the library's PackedQuantizationCompressor.decompress of its tensors;
-    works alike with compressed-tensors 0.17 to 0.20. via "transformers": AutoModelFor*.from_pretrained with
+    works alike with compressed-tensors 0.17 and 0.20.1. via "transformers": AutoModelFor*.from_pretrained with
     transformers' compressed-tensors quantizer (apply_quantization_config, compress_model, load), then the library's
-    ModelCompressor.decompress_model; with compressed-tensors 0.20 this path cannot load asymmetric checkpoints
-    (its meta-device compress leaves weight_zero_point unpacked, [N, G] against the stored [N*b/32, G]).
+    ModelCompressor.decompress_model; from compressed-tensors 0.18 on this path cannot load asymmetric checkpoints
+    (its meta-device compress leaves weight_zero_point unpacked, [N, G] against the stored [N*b/32, G]; run with
+    0.20.1, read in 0.18/0.19).
     dtype: of everything not quantized and of the decompressed weights (default: the checkpoint's).
     """
     if importlib.util.find_spec("compressed_tensors") is None:

@@ -103,7 +103,7 @@ def quantize(w: torch.Tensor, qtype: T, chunk_rows: int = 4096) -> np.ndarray:
 
 def dequantize(data: np.ndarray, qtype: T) -> torch.Tensor:
     """Stored GGML data (as `quantize` or `encode_gptq` return it) -> float32 tensor [rows, K] (gguf.quants)."""
-    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(data, qtype), dtype=np.float32))
+    return torch.from_numpy(np.array(quants.dequantize(data, qtype), dtype=np.float32))  # a writable copy
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ class Context:
     log: Callable[[str], None] = print        # one-line progress messages (the CLI routes them to stderr)
     quiet: bool = False                       # no progress bars (tests, CI)
     stats: dict = field(default_factory=dict) # extra numbers a stage wants in its manifest (also returned by run)
+    out_dir: Path | None = None               # a stage that writes no checkpoint may write files of its own here (export)
+    eval: Any = None                          # the pipeline's eval protocol (evaluate.EvalConfig), for stages that measure
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None, unit: str = "it"):
         """A tqdm progress bar over `iterable` (silent when quiet)."""

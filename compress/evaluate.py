@@ -68,6 +68,7 @@ class EvalConfig:
     decode_tokens: int = 32              # new tokens generated for decode tokens/s (causal LMs)
     agreement: list[str] = field(default_factory=list)  # sources for encoder agreement; default: perplexity's for bare encoders
     agreement_pairs: int = 256           # sentence pairs per agreement source: more = steadier spearman, slower
+    kl: bool = True                      # causal LMs: KL(base || model) and top-1 agreement over the same windows
     tasks: list[str] = field(default_factory=list)  # lm-eval task names, or paths to task YAML files/dirs
     limit: int | None = None             # lm-eval: examples per task (quick checks; not comparable to full runs)
 
@@ -93,7 +94,7 @@ class EvalConfig:
                 raise CompressError(f"eval.stride must be <= seq_len ({self.seq_len}), got {self.stride}")
         if self.limit is not None:
             _positive_int("limit", self.limit)
-        for key in ("bos", "speed"):
+        for key in ("bos", "speed", "kl"):
             if not isinstance(getattr(self, key), bool):
                 raise CompressError(f"eval.{key} must be true or false, got {getattr(self, key)!r}")
 
@@ -177,8 +178,10 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
         m.eval()
     try:
         if cfg.perplexity and kind in ("causal", "masked"):
+            reference = (model if base_model is None else base_model) if cfg.kl and kind == "causal" else None
             accuracy["perplexity"] = {
-                spec: perplexity(model, tokenizer, spec, cfg, device, meter=meter if cfg.speed else None)
+                spec: perplexity(model, tokenizer, spec, cfg, device, meter=meter if cfg.speed else None,
+                                 reference=reference)
                 for spec in cfg.perplexity
             }
         sources = cfg.agreement or (cfg.perplexity if kind == "bare" else [])
@@ -209,6 +212,14 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
             if isinstance(protocol, dict):
                 protocol["stored_dtype"] = stored
     return {"accuracy": accuracy, "speed": speed}
+
+
+def needs_base(model, cfg: EvalConfig) -> bool:
+    """Whether evaluating `model` under `cfg` compares it with the base model: agreement (encoders without an LM
+    head) or KL and top-1 agreement (causal LMs, `kl: true`)."""
+    kind = model_kind(model)
+    return (kind == "bare" and bool(cfg.agreement or cfg.perplexity)) or (kind == "causal" and cfg.kl
+                                                                          and bool(cfg.perplexity))
 
 
 def model_kind(model) -> str:
@@ -287,7 +298,7 @@ def causal_windows(stream: torch.Tensor, seq_len: int, max_tokens: int | None, s
     return ids, scored, (None if step == c else step)
 
 
-def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token NLL (float32 logits) over the scored target positions, and their count."""
     targets = ids[:, 1:]                                    # (B, L-1)
     mask = scored[:, 1:].to(logits.device)                  # (B, L-1)
@@ -297,8 +308,28 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> t
     return float(nll[mask].double().sum()), int(mask.sum())
 
 
-def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Throughput | None = None) -> dict:
-    """{"value": exp(mean NLL), "protocol": {...}} on the test split of `spec` (causal or masked LM)."""
+def divergence(ref_logits: torch.Tensor, logits: torch.Tensor, scored: torch.Tensor) -> tuple[float, int, int]:
+    """(sum over the scored next-token positions of KL(ref || model), positions whose argmax agrees, positions):
+    what quantization users compare besides perplexity. float32, one window at a time (memory of one window's
+    log-softmax pair)."""
+    kl, agree, n = 0.0, 0, 0
+    for r in range(len(logits)):
+        mask = scored[r, 1:].to(logits.device)                          # (L-1,)
+        p = F.log_softmax(ref_logits[r, :-1].float(), dim=-1)[mask]     # (N, V) the reference
+        q = F.log_softmax(logits[r, :-1].float(), dim=-1)[mask]
+        kl += float((p.exp() * (p - q)).sum(-1).double().sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        n += int(mask.sum())
+    return kl, agree, n
+
+
+def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Throughput | None = None,
+               reference=None) -> dict:
+    """{"value": exp(mean NLL), "protocol": {...}} on the test split of `spec` (causal or masked LM).
+
+    With a `reference` model (causal LMs: the pipeline's base model), also "kl": mean KL(reference || model) per
+    scored token and "top1": the share of scored positions whose argmax agrees, over the same windows (the
+    reference's forwards are not timed). `reference` may be `model` itself: kl 0, top1 1, no second forward."""
     device = torch.device(device)
     kind = model_kind(model)
     if kind == "bare":
@@ -316,6 +347,8 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
         inputs, scored = mlm_mask(ids, tokenizer, cfg.bos)
         step = None
     nll, n = 0.0, 0
+    kl, agree, compared = 0.0, 0, 0
+    reference = reference if kind == "causal" else None
     with torch.no_grad():
         kw = {"use_cache": False} if kind == "causal" else {}
         if meter is not None:  # untimed warmup (allocator, kernels) so throughput reflects steady state
@@ -327,10 +360,14 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
             else:
                 out = model(input_ids=x, **kw)
             if kind == "causal":
-                s, k = _nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
+                s, k = nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             else:
                 s, k = _masked_nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             nll, n = nll + s, n + k
+            if reference is not None:
+                ref = out.logits if reference is model else reference(input_ids=x, **kw).logits
+                d, a, c = divergence(ref, out.logits, scored[i:i + cfg.batch_size])
+                kl, agree, compared = kl + d, agree + a, compared + c
     protocol = {
         "metric": "perplexity" if kind == "causal" else "pseudo-perplexity",
         "source": spec, "split": "test", "fingerprint": data.fingerprint(data.split_texts(spec, "test")),
@@ -340,7 +377,11 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
     }
     if kind == "masked":
         protocol.update(mask_rate=MLM_MASK_RATE, mask_seed=MLM_MASK_SEED)
-    return {"value": math.exp(nll / n), "protocol": protocol}
+    result = {"value": math.exp(nll / n), "protocol": protocol}
+    if reference is not None:
+        result.update(kl=kl / compared, top1=agree / compared)
+        protocol["reference"] = "self" if reference is model else "base"
+    return result
 
 
 def mlm_mask(blocks: torch.Tensor, tokenizer, bos: bool) -> tuple[torch.Tensor, torch.Tensor]:

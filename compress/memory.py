@@ -450,8 +450,9 @@ def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState 
     log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens). On a CPU a
     float16 model (plain or GPTQ) is computed in float32 (evaluate.upcast_float16_on_cpu): a float32 copy of
     its floating tensors, float32 activations. Agreement (bare encoders, or `agreement:` sources): batches of
-    evaluate.AGREEMENT_BATCH sentences with every layer's hidden states; `reference` is the base model an
-    encoder other than the base is compared with (loaded for the evaluation)."""
+    evaluate.AGREEMENT_BATCH sentences with every layer's hidden states. `reference` is the base model a stage's
+    output is compared with, loaded for the evaluation: an encoder's agreement, or a causal LM's KL and top-1
+    (`kl`: the base's logits of the same batch, and a pair of fp32 log-softmax of one window at a time)."""
     from compress.evaluate import AGREEMENT_BATCH
 
     shape, a = state.shape, state.act_bytes
@@ -476,6 +477,11 @@ def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState 
             "log-softmax": n * 4,
             "layer transient": inference_layer_bytes(shape, a, batch, seq),
         })
+        if cfg.kl:
+            phases["perplexity"][1]["KL and top-1 (one window's log-softmax pair)"] = 3 * seq * shape.vocab * 4
+            if reference is not None:
+                phases["perplexity"][1]["reference (base) model weights"] = reference.weights_bytes()
+                phases["perplexity"][1]["reference logits"] = n * reference.act_bytes
     if agree:  # agreement: AGREEMENT_BATCH sentences of <= seq_len tokens, output_hidden_states, fp32 mean pool
         B = AGREEMENT_BATCH
         phases["agreement"] = (B, {

@@ -207,10 +207,11 @@ class _Runner:
             return self._maybe_reeval(folder, old) if writes else StageResult(spec.folder, "skipped", old)
         self.ranks.started(spec.index, runs=True)
         self.log(f"[{spec.folder}] {spec.type} from {spec.source}")
-        built = self._build(spec)
+        tmp = None if writes else self._tmp(folder)  # a stage with no checkpoint may write files of its own there
+        built = self._build(spec, tmp)
         identity = dict(index=spec.index, stage=spec.type, name=spec.name, config=dataclasses.asdict(spec.config),
                         config_hash=cfg_hash, input={"from": spec.source, "path": str(in_folder), "hash": in_hash})
-        res = self._finish(folder, built, identity) if writes else self._record_only(folder, built, identity)
+        res = self._finish(folder, built, identity) if writes else self._record_only(folder, tmp, built, identity)
         shutil.rmtree(self._work_dir(spec), ignore_errors=True)
         return res
 
@@ -218,7 +219,7 @@ class _Runner:
         """Scratch folder of a stage (mid-stage checkpoints), named by its config and input: a resume finds it."""
         return self.out / f".work-{spec.folder}-{stage_hash(self.pipe, spec)[:8]}-{self.hashes[spec.source][:8]}"
 
-    def _build(self, spec: StageSpec) -> _Built:
+    def _build(self, spec: StageSpec, out_dir: Path | None = None) -> _Built:
         """Load the stage's input, run the stage and measure it."""
         torch.manual_seed(self.pipe.seed)
         model, tok = checkpoint.load(self.folders[spec.source], device=self.device,
@@ -232,7 +233,8 @@ class _Runner:
         ctx = Context(
             device=self.device, seed=self.pipe.seed, data=self.pipe.data, work_dir=work,
             base_path=self.folders["base"], stage_paths={k: v for k, v in self.folders.items() if k != spec.name},
-            trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet,
+            trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet, out_dir=out_dir,
+            eval=self.pipe.eval,
         )
         predicted = planner.predict_for_run(self.pipe, spec, model)
         t0 = manifest.now()
@@ -266,19 +268,27 @@ class _Runner:
         del reloaded
         return self._write(tmp, folder, m)
 
-    def _record_only(self, folder: Path, built: _Built, identity: dict) -> StageResult:
-        """Manifest of a stage that writes no weights (eval): it describes the input checkpoint."""
+    def _record_only(self, folder: Path, tmp: Path, built: _Built, identity: dict) -> StageResult:
+        """Manifest of a stage that writes no checkpoint: it describes the input checkpoint (eval), or the files the
+        stage wrote into its folder (export: their format and size, what the runtime measured)."""
         src = manifest.read(Path(identity["input"]["path"])) or {}
         mem = self._memory(built, (src.get("memory") or {}).get("weights_bytes"))
         mem["eval_measured_peak_bytes"] = mem["measured_peak_bytes"]
-        result = built.stats
+        stats = dict(built.stats)
+        accuracy, speed = stats.pop("accuracy", {}), stats.pop("speed", {})
+        size = src.get("size")
+        if "size" in stats:  # files of its own: their bytes over the input's parameters
+            size = {**(size or {}), **stats.pop("size")}
+            params = size.get("params")
+            size["bits_per_weight"] = round(8 * size["disk_bytes"] / params, 3) if params else None
+        written = any(tmp.iterdir())
         m = Manifest(
             **identity, folder=folder.name, checkpoint=identity["input"]["path"],
-            output_hash=identity["input"]["hash"], format=src.get("format"), size=src.get("size"), memory=mem,
-            stats={}, seconds=round(built.seconds, 3), env=manifest.env(self.device),
-            accuracy=result.get("accuracy", {}), speed=result.get("speed", {}),
+            output_hash=checkpoint.content_hash(tmp) if written else identity["input"]["hash"],
+            format=stats.pop("format", src.get("format")), size=size, memory=mem, stats=stats,
+            seconds=round(built.seconds, 3), env=manifest.env(self.device), accuracy=accuracy, speed=speed,
         )
-        return self._write(self._tmp(folder), folder, m)
+        return self._write(tmp, folder, m)
 
     def _write(self, tmp: Path, folder: Path, m: Manifest) -> StageResult:
         manifest.write(tmp, m)
@@ -296,7 +306,7 @@ class _Runner:
 
         self.log(f"[{folder.name.removeprefix('.tmp-')}] evaluating")
         base = None
-        if evaluate.model_kind(model) == "bare":
+        if evaluate.needs_base(model, self.pipe.eval):  # agreement of encoders; KL and top-1 of LMs
             base = model if is_base else checkpoint.load(self.folders["base"], device=self.device)[0]
         mem["eval_predicted_peak_bytes"] = planner.predict_eval_for_run(self.pipe.eval, model, base)
         with measure.PeakMemory(self.device, model) as pm:

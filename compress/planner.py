@@ -99,7 +99,7 @@ def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, in
                      allocated_bytes=allocated, output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out,
                      loads=tuple(parts.loads))
     if eval_cfg is not None and stage != "eval":
-        ref = states.get("base") if module is not None and not parts.out.shape.logits else None
+        ref = states.get("base") if module is not None else None  # compared with the base (agreement, KL)
         plan.eval_growth_bytes = int(sum(memory.eval_terms(parts.out, eval_cfg, kind, ref).values()))
         plan.eval_peak_bytes = plan.output_weights_bytes + plan.eval_growth_bytes + fixed
     if dev is not None:

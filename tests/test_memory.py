@@ -300,7 +300,7 @@ def test_eval_prediction_matches_measurement(tmp_path, txt):
     x = torch.randint(0, 16384, (1, 512))
     with torch.no_grad():
         model(x[:, :16])  # warm-up (the pipeline has already evaluated 00-base)
-    plan = predict("eval", planner.initial_state(cfg), perplexity=[txt], seq_len=512, batch_size=1)
+    plan = predict("eval", planner.initial_state(cfg), perplexity=[txt], seq_len=512, batch_size=1, kl=False)
     with measure.PeakMemory("cpu", model) as m, torch.no_grad():
         model(x, labels=x)
     err, ok = measure.compare(plan.growth_bytes, m.measured_bytes, floor=0)

@@ -15,7 +15,7 @@ Protocol (the same as compress/evaluate.py, so numbers compare with its manifest
   the HF tokenizer and are fed to llama.cpp as ids, so both sides see the same tokens;
 - logits: llama.cpp computes every position of a window in one batch (logits_all, n_batch >= seq_len) from an
   empty KV cache; perplexity = exp(mean NLL of the scored targets), NLL from float32 logits, summed in float64
-  (evaluate._nll_sum);
+  (evaluate.nll_sum);
 - KLD = mean over the scored positions of KL(P_reference || P_candidate) = sum_v p_ref (log p_ref - log p_cand),
   the direction llama.cpp's `llama-perplexity --kl-divergence` reports; top1 = share of those positions where
   both argmax agree;
@@ -38,7 +38,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from compress.errors import CompressError
 
@@ -195,17 +194,12 @@ def window_stats(ref: torch.Tensor | None, cand: torch.Tensor, ids: torch.Tensor
 
     ref, cand: logits [T, V]; ids, scored: [T]. Position t predicts ids[t+1]; it counts when scored[t+1].
     """
-    from compress.evaluate import _nll_sum
+    from compress.evaluate import divergence, nll_sum
 
-    nll, n = _nll_sum(cand.view(1, *cand.shape), ids.view(1, -1), scored.view(1, -1))
+    nll, n = nll_sum(cand.view(1, *cand.shape), ids.view(1, -1), scored.view(1, -1))
     out = {"nll": nll, "n": n}
     if ref is not None:
-        mask = scored[1:]
-        lp_ref = F.log_softmax(ref[:-1][mask].float(), dim=-1)          # (n, V)
-        lp = F.log_softmax(cand[:-1][mask].float(), dim=-1)             # (n, V)
-        kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)                      # (n,)
-        out["kld"] = float(kl.double().sum())
-        out["top1"] = int((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
+        out["kld"], out["top1"], _ = divergence(ref.view(1, *ref.shape), cand.view(1, *cand.shape), scored.view(1, -1))
     return out
 
 

@@ -29,9 +29,7 @@ class Config(evaluate.EvalConfig):
 
 def run(model, tokenizer, cfg: Config, ctx):
     """Evaluate; return the model unchanged and {"accuracy": ..., "speed": ...} for the manifest."""
-    base = None
-    if evaluate.model_kind(model) == "bare":
-        base = ctx.load_model("base")[0]
+    base = ctx.load_model("base")[0] if evaluate.needs_base(model, cfg) else None
     return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base)
 
 
@@ -43,7 +41,7 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     """This stage's memory: an evaluation (memory.eval_terms); a bare encoder other than the base is compared
     with the base model, which is loaded for it."""
     base = where.states.get("base")
-    ref = base if base is not None and base is not where.input and not state.shape.logits else None
+    ref = base if base is not None and base is not where.input else None
     return memory.Parts(memory.eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
 
 

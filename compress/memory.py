@@ -842,8 +842,15 @@ def _eval(cfg: dict, state: ModelState, where: _Where) -> _Parts:
     return _Parts(_eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
 
 
+def _lora(cfg: dict, state: ModelState, where: _Where) -> _Parts:
+    """compress/stages/lora.py's own predict_memory (the stage module holds its memory model)."""
+    from compress.stages import lora
+
+    return lora.predict_memory(lora.Config(**cfg), state, where)
+
+
 STAGE_MODELS = {"cast": _cast, "gptq": _gptq, "int8": _int8, "train": _train, "prune": _prune,
-                "distill": _distill, "eval": _eval}
+                "distill": _distill, "lora": _lora, "eval": _eval}
 
 
 def _stage_parts(stage_type: str, cfg: dict, state: ModelState, where: _Where) -> _Parts:

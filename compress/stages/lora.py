@@ -52,6 +52,9 @@ from compress.errors import CompressError
 NAME = "lora"
 DISTRIBUTED = True  # under `accelerate launch` every process runs it, on its own shard (compress/pipeline.py)
 LOSSES = ("kd", "lm")
+# Importing peft into a process that already runs a model and has imported bitsandbytes: +10.3 MiB RSS, measured
+# twice on torch 2.13 CPU. peft imports bitsandbytes itself when it is installed (compress.memory.BNB_IMPORT_BYTES).
+PEFT_IMPORT_BYTES = 11 * 2**20
 
 
 @dataclass
@@ -217,6 +220,81 @@ def _measure(model, teacher, val: dict, cfg: Config) -> dict:
     if teacher is not None:
         out["kl"] = engine.domain_losses(model, val, cfg.batch_size, _kl_loss(teacher, cfg.temperature))
     return out
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _target_linears(shape, targets: list[str] | None) -> list[tuple]:
+    """(name, in, out) of one decoder layer's linears that get adapters (target_names on a ModelShape)."""
+    if targets is None:
+        return list(shape.linears)
+    return [l for l in shape.linears if any(l[0] == t or l[0].endswith("." + t) for t in targets)]
+
+
+def predict_memory(cfg: Config, state, where):
+    """This stage's bytes for the planner, as compress.memory's `_train` and `_distill` count theirs.
+
+    The frozen input stays resident in its stored format (plain, GPTQ, int8): on-device input, not growth.
+    Growth: the adapters r (in + out) per adapted linear in float32 with their gradients and AdamW m, v (16
+    bytes per adapter parameter); a float32 copy of 16-bit weights when `upcast`; activations as full training
+    keeps them (compress.memory.training_activation_bytes: the backward to earlier layers' adapters runs through
+    every layer), plus each adapter's input in float32 when activations are 16-bit and its dropout copy and mask;
+    logits + loss, and with kd the teacher's logits and the soft-target KL (fp32 copies, (log-)softmax of both,
+    ~6 x B*S*V*4, as distill); GPTQ: every dequantized weight with `cache_dequantized`, else one linear's at a
+    time (forward and backward); int8: LLM.int8's matmul buffers and the backward's fp16 weight of one linear;
+    kd: the teacher's weights (always loaded beside the input, float32 when upcast) and one teacher layer's
+    transient; the text (train + validation splits); libraries imported for the first time.
+    """
+    import dataclasses
+
+    from compress import memory as mem
+
+    if cfg.merge and state.format != "plain":
+        raise CompressError(f"lora.merge: true folds adapters into plain weights, but this input is {state.format}; "
+                            "set merge: false (the adapter is saved beside the base)")
+    shape, B, S = state.shape, cfg.batch_size, cfg.seq_len
+    autocast = mem._autocast({"mixed_precision": cfg.mixed_precision}, where.kind)
+    upcast = cfg.upcast and state.dtype != "float32"
+    w = 4 if upcast else state.act_bytes                      # compute dtype of the frozen float tensors
+    a = 2 if autocast else w                                  # activations
+    lin = _target_linears(shape, cfg.targets)
+    P = shape.layers * sum(cfg.rank * (i + o) for _, i, o in lin)
+    terms = {"adapter weights (float32)": P * 4, "adapter gradients": P * 4, "AdamW states (m, v)": P * 8}
+    if upcast:
+        terms["float32 copy of 16-bit weights (upcast)"] = state.float_numel() * 4
+    terms["activations"] = mem.training_activation_bytes(shape, a, B, S)
+    per_token = sum(cfg.rank * 4 + (i * 4 if a < 4 else 0) + (i * (a + 1) if cfg.dropout > 0 else 0) for _, i, _ in lin)
+    terms["adapter activations"] = B * S * shape.layers * per_token
+    n = B * S * shape.vocab
+    terms["logits + loss"] = mem.train_logits_bytes(shape, a, B, S)
+    quantized = state.quantized_linears() if state.format != "plain" else []
+    if state.format == "gptq":
+        if cfg.cache_dequantized:
+            terms["dequantized weight cache"] = shape.layers * sum(i * o for _, i, o in quantized) * a
+        else:
+            terms["dequantized weight (one linear at a time)"] = max(i * o for _, i, o in quantized) * a
+    elif state.format == "bnb-int8":
+        i, o = max(((i, o) for _, i, o in quantized), key=lambda t: t[0] * t[1])
+        terms["int8 matmul buffers + backward fp16 weight (largest linear)"] = B * S * (3 * i + 4 * o) + 2 * i * o
+    if cfg.loss == "kd":
+        t_state = where.states.get(cfg.teacher) or where.states.get("base") or state
+        if cfg.upcast and t_state.format == "plain" and t_state.dtype != "float32":
+            t_state = dataclasses.replace(t_state, dtype="float32")
+        t_a = 2 if autocast else t_state.act_bytes
+        terms["teacher weights"] = t_state.weights_bytes()
+        terms["teacher logits"] = n * t_a
+        terms["soft targets + KL"] = 6 * n * 4
+        terms["teacher forward (one layer)"] = mem.inference_layer_bytes(t_state.shape, t_a, B, S)
+    domains = mem._domains(cfg.data, where.data.get("train"))
+    terms["training text"] = mem.data_bytes(shape, [(d, sp) for sp in ("train", "validation") for d in domains])
+    if cfg.merge:
+        terms["merge transient (one linear)"] = max(i * o for _, i, o in lin) * 4
+    if where.kind == "cpu":
+        terms["peft library (first import)"] = PEFT_IMPORT_BYTES
+        if "bitsandbytes" not in where.loaded:
+            terms["bitsandbytes library (first import, by peft)"] = mem.BNB_IMPORT_BYTES
+    return mem._Parts({k: v for k, v in terms.items() if v}, state.weights_bytes(), state)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -18,7 +18,8 @@ Scores on the TEST splits of zoo:shakespeare (held-out domain: no Shakespeare in
                    adapter closed (1 = back to the base, < 0 = worse than no adapter); same for KL: 1 - KL_arm / KL_gptq
 
     python bench/lora.py                                  # the measurement (run it on an idle machine)
-    python bench/lora.py --tokens 8192 --eval-tokens 2048 --calib-samples 8 --smoke   # code path check only
+    python bench/lora.py --tokens 1024 --seq-len 128 --batch-size 2 --val-tokens 256 --eval-seq-len 256 \
+        --eval-tokens 512 --calib-samples 8 --smoke                                  # code path check only
 Results: bench/results/lora.json (a --smoke run is marked as such) rendered to bench/results/lora.md. CPU only;
 wall times depend on the machine's load (recorded with the load average at the start).
 """
@@ -139,7 +140,7 @@ def bench(args) -> dict:
     out["arms"]["gptq"] = {"scores": score(q, base, tok, args)}
     del q
     common = dict(rank=16, alpha=32.0, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-                  lr=args.lr, save_every=0, eval_tokens=max(args.seq_len, 4096), data=[TRAIN])
+                  lr=args.lr, save_every=0, eval_tokens=max(args.seq_len, args.val_tokens), data=[TRAIN])
     for arm in ARMS:
         cfg = lora.Config(**common, loss="kd" if arm == "lora_kd" else "lm")
         print(f"[bench] {arm}", flush=True)
@@ -208,6 +209,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--val-tokens", type=int, default=4096, help="the stage's before/after validation tokens")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=20480, help="test tokens per source")
     ap.add_argument("--threads", type=int, default=2)

@@ -244,6 +244,8 @@ def test_bad_settings_are_one_line_compress_errors(tiny_llama, tiny_bert, text_f
         lora.run(model, tok, _cfg(targets=["q_proj", "o_prj"]), _ctx(tmp_path, text_file))
     assert lora.target_names(model, ["q_proj", "mlp.down_proj"])[:2] == ["model.layers.0.self_attn.q_proj",
                                                                         "model.layers.0.mlp.down_proj"]
+    with pytest.raises(CompressError, match=r"^lora\.teacher 'nowhere' is neither an earlier stage \(base\)"):
+        lora.run(model, tok, _cfg(loss="kd", teacher="nowhere"), _ctx(tmp_path, text_file))
     with pytest.raises(CompressError, match="causal LMs"):
         lora.run(tiny_bert[0], tiny_bert[1], _cfg(), _ctx(tmp_path, text_file))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +197,8 @@ def load_adapter(model, folder, trainable: bool = False):
     """Apply the PEFT adapter saved in `folder` to `model` (any compress format); return the PeftModel."""
     cfg = register(_peft.LoraConfig.from_pretrained(str(folder)))
     _mark_int8(model)
-    return _peft.PeftModel.from_pretrained(model, str(folder), config=cfg, is_trainable=trainable)
+    with _quiet_deprecations():
+        return _peft.PeftModel.from_pretrained(model, str(folder), config=cfg, is_trainable=trainable)
 
 
 def _mark_int8(model) -> None:
@@ -210,4 +212,13 @@ def add_adapters(model, target_modules: list[str], r: int, alpha: float, dropout
     """Wrap `model` in a PeftModel with fresh adapters on `target_modules` (B = 0: the model's outputs do not
     change); only adapter weights require grad."""
     _mark_int8(model)
-    return _peft.get_peft_model(model, lora_config(target_modules, r, alpha, dropout))
+    with _quiet_deprecations():
+        return _peft.get_peft_model(model, lora_config(target_modules, r, alpha, dropout))
+
+
+@contextlib.contextmanager
+def _quiet_deprecations():
+    """peft 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns once per call that it is renamed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -326,6 +327,10 @@ def run(model, tokenizer, cfg: Config, ctx):
     # -- teacher (frozen, no grad)
     teacher, t_info = None, None
     if cfg.loss == "kd":
+        known = ["base", *ctx.stage_paths]
+        if not (cfg.teacher.startswith("zoo:") or cfg.teacher in known or Path(cfg.teacher).expanduser().is_dir()):
+            raise CompressError(f"lora.teacher {cfg.teacher!r} is neither an earlier stage ({', '.join(known)}), "
+                                "a model folder, nor zoo:NAME")
         teacher, t_tok, t_hash, t_path = distill.load_teacher(cfg.teacher, ctx)
         distill.check_compatible(teacher, t_tok, model, tokenizer)
         teacher.eval()

@@ -6,6 +6,9 @@ Formats (detected from config.json's `quantization_config`):
     gptq      GPTQ v1 packed int32 qweight/qzeros/scales  -> our QuantLinear (dequantizes in torch)
     bnb-int8  bitsandbytes LLM.int8() weight + SCB        -> bitsandbytes Linear8bitLt
 
+A folder may also hold `adapter/` (PEFT LoRA: adapter_config.json + adapter_model.safetensors, the `lora`
+stage's output): `save` of a peft model writes the base as above plus adapter/, and `load` applies it.
+
 Every checkpoint is a folder of safetensors + config.json + tokenizer files that transformers (and, for the
 quantized formats, transformers with optimum+gptqmodel or bitsandbytes) loads as is. Pickled weights
 (`pytorch_model.bin`) are refused unless the caller passes `allow_pickle=True`; `trust_remote_code` is off
@@ -137,6 +140,8 @@ def load(
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CompressError(f"cannot load checkpoint {folder}: {str(e).splitlines()[0]}") from None
+    if has_adapter(folder):
+        model = load_adapter(model, folder)
     model.to(device)
     model.eval()
     try:
@@ -197,6 +202,8 @@ def save(model, tokenizer, folder: str | Path) -> None:
     """Write safetensors + config.json (+ generation_config) + tokenizer into `folder` (created)."""
     from safetensors.torch import save_file
 
+    if is_adapted(model):
+        return save_adapted(model, tokenizer, folder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     qc = getattr(model.config, "quantization_config", None)
@@ -225,16 +232,60 @@ def copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+# --------------------------------------------------------------------------------------------- adapters (PEFT)
+
+ADAPTER_DIR = "adapter"  # a LoRA adapter over the folder's base checkpoint, in PEFT's format
+
+
+def is_adapted(model) -> bool:
+    """True for a peft model (LoRA adapters applied, not merged). peft is never imported to find out."""
+    import sys
+
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def has_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+def adapter_files(folder: str | Path) -> list[Path]:
+    """The files of folder/adapter/ (empty when there is none), sorted: part of the checkpoint's content."""
+    sub = Path(folder) / ADAPTER_DIR
+    return sorted(f for f in sub.iterdir() if f.is_file()) if sub.is_dir() else []
+
+
+def save_adapted(model, tokenizer, folder: str | Path) -> None:
+    """A peft model: the frozen base exactly as `save` writes it (adapter layers swapped out, not copied), then
+    the adapter into folder/adapter/ with peft's save_pretrained (safetensors)."""
+    from compress.algorithms import lora
+
+    folder = Path(folder)
+    with lora.without_adapters(model) as base:
+        save(base, tokenizer, folder)
+    model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+
+
+def load_adapter(model, folder: str | Path):
+    """Apply folder/adapter/ to the base `model` just loaded from `folder`; returns the PeftModel."""
+    from compress.algorithms import lora
+
+    try:
+        return lora.load_adapter(model, Path(folder) / ADAPTER_DIR)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CompressError(f"cannot apply the adapter in {folder}/{ADAPTER_DIR}: {str(e).splitlines()[0]}") from None
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 
 def content_hash(folder: Path) -> str:
     """sha256 over the names and bytes of a checkpoint's model files (weights, config, tokenizer)."""
     h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
+    for f in sorted(folder.iterdir()) + adapter_files(folder):
         if not f.is_file() or f.name == "manifest.json":
             continue
-        h.update(f.name.encode() + b"\0")
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)

@@ -27,13 +27,6 @@ needs_ct = pytest.mark.skipif(
 USER_ZOO = zoo.zoo_dir()  # read before the autouse fixture moves COMPRESS_CACHE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _quantize(model, tok, tmp_path, monkeypatch, **kw):
     """The gptq stage on a tiny model, with 8 x 32 random calibration tokens for method gptq (as test_gptq)."""

@@ -23,13 +23,6 @@ from compress.stages import gptq as gptq_stage
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _layer(bits: int, group_size: int, sym: bool, seed: int = 0, shape=(48, 256)) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)

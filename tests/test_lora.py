@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +19,6 @@ from conftest import TINY_LLAMA
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
 requires_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ids(n=2, t=24, seed=0):

@@ -30,7 +30,6 @@ we refuse instead), DoRA, adapters on embeddings or lm_head, several adapters at
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 
 import torch
@@ -42,21 +41,10 @@ from compress.errors import CompressError
 
 
 def require_peft():
-    """The peft module, or a CompressError that says how to install it.
+    """The peft module, or a CompressError that says how to install it (peft imports bitsandbytes: quietly)."""
+    from compress.algorithms.int8 import quiet_import
 
-    peft imports bitsandbytes when it is installed; its CPU backend warns about a 4-bit kernel that LoRA over
-    LLM.int8() does not use, so that logger is quiet while importing (as compress.algorithms.int8 does).
-    """
-    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops.level
-    cpu_ops.setLevel(logging.ERROR)
-    try:
-        import peft
-    except ImportError:
-        raise CompressError("lora needs peft: pip install 'compress[lora]' (peft >= 0.21)") from None
-    finally:
-        cpu_ops.setLevel(level)
-    return peft
+    return quiet_import("peft", "lora needs peft: pip install 'compress[lora]' (peft >= 0.21)")
 
 
 _peft = require_peft()

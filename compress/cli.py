@@ -281,8 +281,10 @@ def plan(pipeline_file, device, memory_gb):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
 @click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False),
-              help="Also write a Pareto plot PNG (size vs perplexity) here.")
-def report(run_dirs, fmt, plot):
+              help="Also write a Pareto plot PNG (size vs perplexity, or vs KL with --y kl) here.")
+@click.option("--y", "y", type=click.Choice(["perplexity", "kl"]), default="perplexity", show_default=True,
+              help="The plot's quality axis: perplexity, or KL divergence to the base model.")
+def report(run_dirs, fmt, plot, y):
     """One table of every stage of one or more runs, and a Pareto plot.
 
     \b
@@ -290,13 +292,14 @@ def report(run_dirs, fmt, plot):
       compress report artifacts/default
       compress report artifacts/default artifacts/smollm2-shear --format html > report.html
       compress report artifacts/default --plot pareto.png
+      compress report artifacts/default --plot kl.png --y kl
     """
     from compress import report as rp
 
     rows = rp.collect([Path(d) for d in run_dirs])
     click.echo({"md": rp.to_markdown, "html": rp.to_html, "json": rp.to_json}[fmt](rows))
     if plot:
-        rp.pareto_plot(rows, Path(plot))
+        rp.pareto_plot(rows, Path(plot), y=y)
         _log(f"wrote {plot}")
 
 

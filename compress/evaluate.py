@@ -364,8 +364,8 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
             else:
                 s, k = _masked_nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             nll, n = nll + s, n + k
-            if reference is not None:
-                ref = out.logits if reference is model else reference(input_ids=x, **kw).logits
+            if reference is not None and reference is not model:
+                ref = reference(input_ids=x, **kw).logits
                 d, a, c = divergence(ref, out.logits, scored[i:i + cfg.batch_size])
                 kl, agree, compared = kl + d, agree + a, compared + c
     protocol = {
@@ -378,9 +378,12 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
     if kind == "masked":
         protocol.update(mask_rate=MLM_MASK_RATE, mask_seed=MLM_MASK_SEED)
     result = {"value": math.exp(nll / n), "protocol": protocol}
-    if reference is not None:
+    if reference is model:  # the base itself: no divergence by definition, nothing to compute
+        result.update(kl=0.0, top1=1.0)
+        protocol["reference"] = "self"
+    elif reference is not None:
         result.update(kl=kl / compared, top1=agree / compared)
-        protocol["reference"] = "self" if reference is model else "base"
+        protocol["reference"] = "base"
     return result
 
 

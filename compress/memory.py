@@ -477,11 +477,10 @@ def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState 
             "log-softmax": n * 4,
             "layer transient": inference_layer_bytes(shape, a, batch, seq),
         })
-        if cfg.kl:
+        if cfg.kl and reference is not None:
+            phases["perplexity"][1]["reference (base) model weights"] = reference.weights_bytes()
+            phases["perplexity"][1]["reference logits"] = n * reference.act_bytes
             phases["perplexity"][1]["KL and top-1 (one window's log-softmax pair)"] = 3 * seq * shape.vocab * 4
-            if reference is not None:
-                phases["perplexity"][1]["reference (base) model weights"] = reference.weights_bytes()
-                phases["perplexity"][1]["reference logits"] = n * reference.act_bytes
     if agree:  # agreement: AGREEMENT_BATCH sentences of <= seq_len tokens, output_hidden_states, fp32 mean pool
         B = AGREEMENT_BATCH
         phases["agreement"] = (B, {

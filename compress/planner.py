@@ -98,7 +98,7 @@ def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, in
                      growth_bytes=growth, breakdown=breakdown, index=index, device_kind=kind,
                      allocated_bytes=allocated, output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out,
                      loads=tuple(parts.loads))
-    if eval_cfg is not None and stage != "eval":
+    if eval_cfg is not None and getattr(module, "WRITES_CHECKPOINT", True):  # what the pipeline then evaluates
         ref = states.get("base") if module is not None else None  # compared with the base (agreement, KL)
         plan.eval_growth_bytes = int(sum(memory.eval_terms(parts.out, eval_cfg, kind, ref).values()))
         plan.eval_peak_bytes = plan.output_weights_bytes + plan.eval_growth_bytes + fixed

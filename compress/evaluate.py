@@ -324,12 +324,14 @@ def divergence(ref_logits: torch.Tensor, logits: torch.Tensor, scored: torch.Ten
 
 
 def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Throughput | None = None,
-               reference=None) -> dict:
+               reference=None, onload: bool = False) -> dict:
     """{"value": exp(mean NLL), "protocol": {...}} on the test split of `spec` (causal or masked LM).
 
     With a `reference` model (causal LMs: the pipeline's base model), also "kl": mean KL(reference || model) per
     scored token and "top1": the share of scored positions whose argmax agrees, over the same windows (the
-    reference's forwards are not timed). `reference` may be `model` itself: kl 0, top1 1, no second forward."""
+    reference's forwards are not timed). `reference` may be `model` itself: kl 0, top1 1, no second forward.
+    onload: the model (and reference) stay on the host and run one block at a time on `device`
+    (compress/onload.py: the same logits); throughput is then the whole pass's, warmup included."""
     device = torch.device(device)
     kind = model_kind(model)
     if kind == "bare":
@@ -349,25 +351,41 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
     nll, n = 0.0, 0
     kl, agree, compared = 0.0, 0, 0
     reference = reference if kind == "causal" else None
+    if onload and kind != "causal":
+        raise CompressError("onloading block by block evaluates causal LMs only")
+    starts = range(0, len(ids), cfg.batch_size)
     with torch.no_grad():
         kw = {"use_cache": False} if kind == "causal" else {}
-        if meter is not None:  # untimed warmup (allocator, kernels) so throughput reflects steady state
-            model(input_ids=inputs[: cfg.batch_size].to(device), **kw)
-        for i in range(0, len(ids), cfg.batch_size):
-            x = inputs[i:i + cfg.batch_size].to(device)  # (B, L)
-            if meter is not None:
-                out = meter.forward(model, "perplexity windows", x.numel(), input_ids=x, **kw)
-            else:
-                out = model(input_ids=x, **kw)
+        if onload:
+            from compress import onload as ol
+
+            t0 = time.perf_counter()
+            batches = [inputs[i:i + cfg.batch_size] for i in starts]
+            logits = (out for _, out in ol.logits_by_block(model, batches, device))
+            refs = (out for _, out in ol.logits_by_block(reference, batches, device)) \
+                if reference is not None and reference is not model else None
+        else:
+            if meter is not None:  # untimed warmup (allocator, kernels) so throughput reflects steady state
+                model(input_ids=inputs[: cfg.batch_size].to(device), **kw)
+            logits = (meter.forward(model, "perplexity windows", inputs[i:i + cfg.batch_size].numel(),
+                                    input_ids=inputs[i:i + cfg.batch_size].to(device), **kw).logits
+                      if meter is not None else model(input_ids=inputs[i:i + cfg.batch_size].to(device), **kw).logits
+                      for i in starts)
+            refs = (reference(input_ids=inputs[i:i + cfg.batch_size].to(device), **kw).logits for i in starts) \
+                if reference is not None and reference is not model else None
+        for i, out in zip(starts, logits):
             if kind == "causal":
-                s, k = nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
+                s, k = nll_sum(out, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             else:
-                s, k = _masked_nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
+                s, k = _masked_nll_sum(out, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             nll, n = nll + s, n + k
-            if reference is not None and reference is not model:
-                ref = reference(input_ids=x, **kw).logits
-                d, a, c = divergence(ref, out.logits, scored[i:i + cfg.batch_size])
+            if refs is not None:
+                d, a, c = divergence(next(refs), out, scored[i:i + cfg.batch_size])
                 kl, agree, compared = kl + d, agree + a, compared + c
+        if onload and meter is not None:
+            meter.seconds += time.perf_counter() - t0
+            meter.tokens += inputs.numel()
+            meter.what = meter.what or "perplexity windows, one block at a time"
     protocol = {
         "metric": "perplexity" if kind == "causal" else "pseudo-perplexity",
         "source": spec, "split": "test", "fingerprint": data.fingerprint(data.split_texts(spec, "test")),

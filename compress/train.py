@@ -87,6 +87,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from compress import distributed
 from compress.errors import CompressError
 
 CKPT_FORMAT = 1
@@ -192,9 +193,10 @@ def fit(
     Raises CompressError when the loss or the gradient norm is not finite (naming the step; nothing is
     updated at that step), or when `batches` runs out.
     """
-    accelerator = _accelerator(ctx)
+    process_state(ctx)
+    accelerator = distributed.accelerator(cpu=ctx.device.type == "cpu")
     device = accelerator.device
-    fsdp = _is_fsdp(accelerator)
+    fsdp = distributed.is_fsdp(accelerator)
     state_objects = dict(state_objects or {})
     if hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict"):
         state_objects["batches"] = batches
@@ -209,15 +211,16 @@ def fit(
     in_model = {id(p) for p in model.parameters()}
     outside = [p for g in extra for p in g["params"] if id(p) not in in_model]
     if fsdp and len(outside) != sum(len(g["params"]) for g in extra):
-        raise CompressError(f"{cfg.name}: under FSDP every extra parameter group must hold parameters outside the model")
+        raise CompressError(f"{cfg.name}: under FSDP the extra parameter groups must hold parameters outside the "
+                            "model (FSDP shards the model's own)")
     for p in outside:  # same Parameter objects, so the caller's references stay valid
         p.data = p.data.to(device)
     was_training = model.training
     if fsdp:  # FSDP2 shards `model` in place; the optimizer is built on the shards (accelerate: model first, alone)
-        snapshot = _Snapshot(model)
+        snapshot = distributed.Snapshot(model)
         wrapped = accelerator.prepare(model)
         snapshot.release_weights()  # the shards are copies: drop the full tensors until training ends
-        named = [(n, p) for n, p in _canonical_parameters(wrapped) if p.requires_grad]
+        named = [(n, p) for n, p in distributed.canonical_parameters(wrapped) if p.requires_grad]
         optimizer = _adamw(named, extra, cfg)
     else:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in extra_ids]
@@ -317,7 +320,7 @@ def fit(
     if fsdp:  # every process gets the full trained weights back into the plain model it passed in
         optimizer.state.clear()
         del optimizer
-        snapshot.restore(_full_parameters(wrapped))
+        snapshot.restore(distributed.full_parameters(wrapped))
         del wrapped
     model.train(was_training)
     accelerator.free_memory()  # drop accelerate's references to the wrapped model and optimizer
@@ -470,7 +473,7 @@ def domain_losses(
     was_training = model.training
     model.eval()
     out = {}
-    lockstep = is_sharded(model)  # under FSDP a forward is a collective: every process runs as many
+    lockstep = distributed.is_sharded(model)  # under FSDP a forward is a collective: every process runs as many
     for name, x in val_blocks.items():  # x: [n, T]
         mine = x[state.process_index::state.num_processes]
         total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of block losses, blocks]
@@ -531,60 +534,7 @@ class DynamicBatchLoading:
         self.history = state["history"]
 
 
-# -- accelerate and FSDP
-
-
-def _accelerator(ctx):
-    """This process's Accelerator; under an FSDP launch config on a machine without CUDA, an FSDP2 one on gloo.
-
-    accelerate 1.16 turns FSDP on only for accelerator devices: on CPU it silently trains with DDP instead. torch's
-    FSDP2 (`fully_shard`) does run on CPU with gloo (FSDP1 refuses: "FSDP needs a non-CPU accelerator device"),
-    so compress sets accelerate's state to FSDP with the plugin that accelerate reads from the launch config,
-    and the CPU run takes the same code path (accelerate's fsdp2_prepare_model) as a GPU run.
-    """
-    import os
-
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    process_state(ctx)
-    accelerator = Accelerator(cpu=ctx.device.type == "cpu")
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        if os.environ.get("FSDP_VERSION", "1") != "2":
-            raise CompressError("FSDP on CPU needs FSDP2: set `fsdp_version: 2` in the accelerate config "
-                                "(FSDP1 runs on accelerator devices only)")
-        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` set
-        if accelerator.mixed_precision != "no":
-            plugin.set_mixed_precision(accelerator.mixed_precision)
-        accelerator.state.fsdp_plugin = plugin
-        accelerator.state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise CompressError("compress trains with DDP or FSDP2; DeepSpeed launch configs are not supported")
-    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise CompressError("compress trains under FSDP2 only: set `fsdp_version: 2` in the accelerate config "
-                            "(FSDP1 flattens parameters, which the optimizer groups and checkpoints here cannot use)")
-    return accelerator
-
-
-def _is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def _is_dtensor(t) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True while FSDP holds `model`'s parameters as shards (inside fit): a forward is then a collective."""
-    return any(_is_dtensor(p) for p in model.parameters())
+# -- optimizer and checkpoint internals (safetensors for tensors, JSON for the rest; no pickle)
 
 
 def _adamw(named, extra: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -601,61 +551,6 @@ def _adamw(named, extra: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
         g.setdefault("lr", cfg.lr)
         g["initial_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-def _canonical_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """named_parameters() with the names of the unwrapped model (activation checkpointing inserts a wrapper)."""
-    return [(n.replace("._checkpoint_wrapped_module", ""), p) for n, p in model.named_parameters()]
-
-
-def _full_parameters(wrapped) -> dict[str, torch.Tensor]:
-    """Every parameter of an FSDP2 model as a whole tensor on this process's device (all processes must call it:
-    one all-gather per sharded tensor, in the same order everywhere)."""
-    with torch.no_grad():
-        return {n: (p.full_tensor() if _is_dtensor(p) else p).detach() for n, p in _canonical_parameters(wrapped)}
-
-
-class _Snapshot:
-    """A model's modules as they were before FSDP2 rewrote them in place, to put them back after training.
-
-    fully_shard swaps each wrapped module's class, registers hooks and replaces parameters by DTensor shards;
-    accelerate may insert checkpoint wrappers and patch `forward`. The snapshot keeps every module's class and a
-    copy of its attribute containers (parameters, buffers, children, hooks), so `restore` gives back exactly the
-    modules, hooks (e.g. prune's mask hooks) and Parameter objects the caller had, holding the trained values.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.modules = [(m, type(m), {k: _shallow(v) for k, v in vars(m).items()}) for m in model.modules()]
-        self.params = {n: (p, p.dtype) for n, p in model.named_parameters()}
-
-    def release_weights(self) -> None:
-        """Free the full tensors FSDP has copied into shards (else every process keeps a whole model)."""
-        for p, _ in self.params.values():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-
-    def restore(self, full: dict[str, torch.Tensor]) -> None:
-        """Put the modules back and give each original Parameter its trained value, in its original dtype."""
-        from torch.distributed import _composable_state
-
-        if set(full) != set(self.params):
-            raise CompressError(f"FSDP changed the model's parameter names: {sorted(set(full) ^ set(self.params))[:4]}")
-        for m, cls, attrs in self.modules:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            m.__class__ = cls
-            registry = getattr(_composable_state, "_module_state_mapping", None)
-            if registry is not None:  # torch's record that `m` is sharded: drop it so `m` can be sharded again
-                registry.pop(m, None)
-        with torch.no_grad():
-            for n, (p, dtype) in self.params.items():
-                p.data = full[n].to(dtype)
-
-
-def _shallow(v):
-    return copy.copy(v) if isinstance(v, (dict, list, set)) else v
-
-
-# -- checkpoint internals (safetensors for tensors, JSON for the rest; no pickle)
 
 
 def _to_device(batch, device):
@@ -701,7 +596,7 @@ def _trainable_tensors(named, extra) -> dict[str, torch.Tensor]:
 def _flatten(obj, tensors: dict, prefix: str):
     """JSON skeleton of `obj`; tensors are moved to `tensors` and replaced by {"__tensor__": key}."""
     if torch.is_tensor(obj):
-        local = obj.to_local() if _is_dtensor(obj) else obj  # an FSDP shard: this process's part
+        local = obj.to_local() if distributed.is_dtensor(obj) else obj  # an FSDP shard: this process's part
         tensors[prefix] = local.detach().to("cpu").contiguous()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
@@ -736,23 +631,6 @@ def _save_tree(obj, folder: Path, stem: str) -> None:
 
 def _load_tree(folder: Path, stem: str):
     return _unflatten(json.loads((folder / f"{stem}.json").read_text()), load_file(str(folder / f"{stem}.safetensors")))
-
-
-def _as_shards(opt_state: dict, optimizer) -> dict:
-    """An optimizer state dict read from one process's file, its per-parameter tensors made DTensor shards again
-    (laid out like their parameter), so AdamW's update mixes DTensors only."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, st in opt_state["state"].items():
-        p = params[int(i)]
-        if not _is_dtensor(p):
-            continue
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.shape == p.to_local().shape and v.ndim > 0:
-                st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                           shape=p.shape, stride=p.stride())
-    return opt_state
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -798,7 +676,8 @@ def _save_checkpoint(root: Path, state: dict, tensors: dict, optimizer, objects:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if not sharded:
-            save_file({k: p.detach().to("cpu").contiguous() for k, p in tensors.items()}, str(tmp / "model.safetensors"))
+            whole = {k: p.detach().to("cpu").contiguous() for k, p in tensors.items()}
+            save_file(whole, str(tmp / "model.safetensors"))
             _save_tree(optimizer.state_dict(), tmp, "optimizer")
         _save_tree({k: o.state_dict() for k, o in objects.items()}, tmp, "objects")
         (tmp / "state.json").write_text(json.dumps(state))
@@ -828,10 +707,10 @@ def _load_checkpoint(folder: Path, tensors: dict, optimizer, objects: dict, acce
         )
     with torch.no_grad():
         for k, p in tensors.items():
-            target = p.to_local() if _is_dtensor(p) else p  # an FSDP shard: this process's part, in place
+            target = p.to_local() if distributed.is_dtensor(p) else p  # an FSDP shard: this process's part, in place
             target.copy_(weights[k].to(target.device, target.dtype))
     if sharded:
-        opt_state = _as_shards(opt_state, optimizer)
+        opt_state = distributed.as_shards(opt_state, optimizer)
     optimizer.load_state_dict(opt_state)
     saved_objects = _load_tree(folder, "objects")
     for name, obj in objects.items():

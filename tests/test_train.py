@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress import distributed
 from compress import train as engine
 from compress.context import Context
 from compress.errors import CompressError
@@ -406,7 +407,7 @@ def test_snapshot_gives_back_the_same_modules_hooks_and_parameters():
     model.model.norm.register_forward_hook(lambda m, a, out: calls.append(1))  # a caller's hook (prune's masks)
     params = dict(model.named_parameters())
     layer_cls = type(model.model.layers[0])
-    snap = engine._Snapshot(model)
+    snap = distributed.Snapshot(model)
 
     model.model.layers[0].__class__ = type("Sharded", (layer_cls,), {})  # what fully_shard does, roughly
     model.model.layers[0].register_forward_pre_hook(lambda m, a: None)
@@ -429,7 +430,7 @@ def test_snapshot_gives_back_the_same_modules_hooks_and_parameters():
     model(input_ids=torch.tensor([[1, 2, 3]]))
     assert calls == [1]
     with pytest.raises(CompressError, match="parameter names"):
-        engine._Snapshot(model).restore({})
+        distributed.Snapshot(model).restore({})
 
 
 KILLED_RUN = """

@@ -246,7 +246,9 @@ def eval_cmd(model, data, seq_len, max_tokens, base, as_json):
                    "such as 24GB, or cpu:64GB. Default: the device `compress run` would use here.")
 @click.option("--memory", "memory_gb", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Memory available in GB (10^9 bytes), on the kind of device `compress run` would use here.")
-def plan(pipeline_file, device, memory_gb):
+@click.option("--fsdp", "fsdp", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Plan the training stages per GPU of an FSDP run over N GPUs (configs/accelerate/fsdp.yaml).")
+def plan(pipeline_file, device, memory_gb, fsdp):
     """Predict each stage's peak memory from the model's config alone, and whether it fits.
 
     No weight is loaded: parameters are counted on a meta-device model and each stage's peak is the sum of
@@ -259,6 +261,7 @@ def plan(pipeline_file, device, memory_gb):
       compress plan                              # the default demo on this machine
       compress plan pipelines/smollm2-shear.yaml --device rtx4090
       compress plan my.yaml --memory 16
+      compress plan my.yaml --device h100-80gb --fsdp 8   # per GPU of 8, training stages sharded
     """
     from compress import config, memory, pipeline, planner
 
@@ -271,7 +274,7 @@ def plan(pipeline_file, device, memory_gb):
         target = memory.Device(f"{memory_gb:g} GB", here.type, int(memory_gb * 1e9))
     else:
         target = memory.resolve_device(device) if device else memory.machine(here)
-    plans = planner.plan(pipe, pipeline.source_of(pipe, weights=False).config, target)
+    plans = planner.plan(pipe, pipeline.source_of(pipe, weights=False).config, target, fsdp)
     click.echo(planner.format_table(plans, target))
     if any(p.fits is False for p in plans):
         click.get_current_context().exit(1)

@@ -41,8 +41,9 @@ GPTQ and RTN do). Allocated = on-device input + growth (what CUDA max_allocated 
 overhead of the process (a torch + transformers CPU process, or the CUDA context): what must fit.
 
 Not modelled: glibc heap retention (compress/measure.py keeps it small in a run), paging in kernel code on
-first use and oneDNN scratch (measure.RSS_NOISE_BYTES: a few MiB, all a tiny model uses), DeepSpeed/FSDP
-sharding (divide weights, grads and states by the number of ranks yourself), gradient checkpointing,
+first use and oneDNN scratch (measure.RSS_NOISE_BYTES: a few MiB, all a tiny model uses), DeepSpeed and
+FSDP other than configs/accelerate/fsdp.yaml's recipe (`compress plan --fsdp N`: see training_terms), gradient
+checkpointing,
 8-bit optimizers, architectures other than decoder-only Llama-style and BERT-style encoders (their
 parameters are still counted exactly; activations use the Llama derivation).
 """
@@ -419,13 +420,16 @@ def train_logits_bytes(shape: ModelShape, a: int, batch: int, seq: int) -> int:
 
 
 def training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: bool, checkpointing: bool = False,
-                    new_weights: bool = False, master_weights: bool = False) -> dict:
+                    new_weights: bool = False, master_weights: bool = False, fsdp: int = 1) -> dict:
     """Gradients, AdamW states, activations and logits of full training of `shape` with w-byte weights.
 
     As compress/train.py trains: torch.optim.AdamW, whose m and v take the parameters' dtype, gradients in
     the parameters' dtype, no master copy; autocast keeps w = 4 weights and caches 16-bit copies of the
     linears. master_weights: the usual bf16 recipe instead (bf16 weights and grads, fp32 master + fp32 m, v),
-    as the README's arithmetic table assumes. new_weights: the trained model is a new copy (a distillation student)."""
+    as the README's arithmetic table assumes. new_weights: the trained model is a new copy (a distillation student).
+    fsdp > 1: one of `fsdp` processes of FSDP2 full shard as configs/accelerate/fsdp.yaml runs it (fsdp_terms)."""
+    if fsdp > 1:
+        return fsdp_terms(shape, batch, seq, fsdp, checkpointing)
     P = shape.params
     a = 2 if autocast else w
     terms = {}
@@ -441,6 +445,54 @@ def training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: bo
     if shape.logits:
         terms["logits + loss"] = train_logits_bytes(shape, a, batch, seq)
     return terms
+
+
+def fsdp_unit_params(shape: ModelShape) -> int:
+    """Parameters of the largest unit FSDP gathers at once: a decoder layer, or the embedding / LM head unit
+    (accelerate wraps each decoder layer, the input embedding, and [final norm, LM head], tied ones together)."""
+    return max(shape.layer_params, shape.vocab * shape.hidden + shape.hidden)
+
+
+def fsdp_terms(shape: ModelShape, batch: int, seq: int, processes: int, checkpointing: bool = False) -> dict:
+    """One process's training terms under FSDP2 full shard over `processes`, as compress/train.py runs
+    configs/accelerate/fsdp.yaml (mixed_precision bf16): accelerate upcasts the trained parameters to fp32, so each
+    process holds 1/N of fp32 weights, fp32 gradients and fp32 AdamW m, v (16 bytes/param / N); FSDP computes with
+    bf16 copies of the gathered units: at the backward peak the largest unit (the LM head, kept gathered from the
+    end of forward) and its unsharded bf16 gradient before the reduce-scatter, plus the next decoder layer
+    prefetched. Activations and logits are per process, in bf16, as without FSDP. The input model's own tensors
+    are not resident: see training_parts."""
+    P, n = shape.params, processes
+    terms = {
+        "fp32 weight shards": -(-4 * P // n),
+        "fp32 gradient shards": -(-4 * P // n),
+        "AdamW states (m, v; fp32 shards)": -(-8 * P // n),
+        "gathered units (bf16: largest + its gradient, next layer)": 2 * (2 * fsdp_unit_params(shape)
+                                                                          + shape.layer_params),
+        "activations": training_activation_bytes(shape, 2, batch, seq, checkpointing),
+    }
+    if shape.logits:
+        terms["logits + loss"] = train_logits_bytes(shape, 2, batch, seq)
+    return terms
+
+
+def training_parts(terms: dict, state: ModelState, where: "Where", out: ModelState,
+                   trained: ModelShape | None = None, trains_input: bool = True) -> "Parts":
+    """A training stage's Parts from its `terms`: the input model resident, plus the terms. Under FSDP
+    (where.fsdp > 1) a trained input (`trains_input`) is replaced by its shards (in the terms), and every process
+    first holds the trained model (`trained`, default the input's shape) whole: accelerate upcasts it to fp32 and
+    then shards it, so the peak is the larger of that sharding phase and training."""
+    if where.fsdp <= 1:
+        return Parts(terms, state.weights_bytes(), out)
+    shape = trained or state.shape
+    resident = 0 if trains_input else state.weights_bytes()
+    sharding = {"trained model whole in fp32 (accelerate upcasts, then shards)": 4 * shape.params,
+                "fp32 weight shards": -(-4 * shape.params // where.fsdp)}
+    phases = {"sharded training": terms, "sharding": sharding}
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    other = next(k for k in phases if k != peak)
+    notes = [f"FSDP over {where.fsdp} processes, per process; peak in the {peak} phase, {other} phase "
+             f"{fmt_bytes(sum(phases[other].values()))}; the main process also saves and evaluates the whole model"]
+    return Parts({k: v for k, v in phases[peak].items() if v}, resident, out, notes)
 
 
 def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState | None = None) -> dict:
@@ -549,6 +601,7 @@ class Where:
     input: ModelState | None = None
     data: dict = field(default_factory=dict)     # the pipeline's data block (calibration, train)
     loaded: set = field(default_factory=set)     # libraries already imported by an earlier stage of this process
+    fsdp: int = 1                     # processes a training stage is sharded over (accelerate FSDP); 1: none
 
 
 @dataclass

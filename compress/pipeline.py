@@ -30,7 +30,7 @@ import yaml
 from compress import checkpoint, manifest, measure, memory, planner, sources
 from compress.config import Pipeline, StageSpec
 from compress.context import Context
-from compress.distributed import Ranks
+from compress.distributed import Ranks, fsdp_processes
 from compress.errors import CompressError
 from compress.manifest import Manifest
 
@@ -118,7 +118,8 @@ def run(
     if ranks.device.type == "cpu":
         measure.fixed_mmap_threshold()  # RSS then follows live tensors: peaks mean what the planner means
     if ranks.main:  # before anything is written: a refused run leaves nothing behind
-        planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device), force=force)
+        planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device), force=force,
+                                  fsdp=fsdp_processes())
         _check_writable(out)
         _clean_partials(out)
         manifest.write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))
@@ -236,7 +237,7 @@ class _Runner:
             trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet, out_dir=out_dir,
             eval=self.pipe.eval,
         )
-        predicted = planner.predict_for_run(self.pipe, spec, model)
+        predicted = planner.predict_for_run(self.pipe, spec, model, fsdp_processes())
         t0 = manifest.now()
         with measure.PeakMemory(self.device, model) as pm:
             model, stats = spec.module.run(model, tok, spec.config, ctx)

@@ -75,23 +75,25 @@ def _parts(module, cfg, state: ModelState, where: memory.Where) -> memory.Parts:
 
 def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, index: int = 0, device: Any = None,
                   states: dict | None = None, eval_cfg=None, data: dict | None = None,
-                  loaded: set | None = None) -> StagePlan:
+                  loaded: set | None = None, fsdp: int = 1) -> StagePlan:
     """Predict one stage's memory: `module` is the stage module (None: loading the base model), `cfg` its Config,
     `state` its input model; `states` maps earlier stage names (and 'base') to states (a distill teacher);
     `eval_cfg` (the pipeline's EvalConfig) adds the evaluation of the output; `data` (the pipeline's data block)
     the text the stage loads; `loaded`: libraries an earlier stage already imported; `device`: see
-    memory.resolve_device (None: no fit check)."""
+    memory.resolve_device (None: no fit check); `fsdp`: processes a training stage is sharded over (its plan is
+    then per process)."""
     dev = memory.resolve_device(device)
     kind = dev.kind if dev else "cpu"
     states = dict(states or {})
-    where = memory.Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()))
+    where = memory.Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()), fsdp)
     parts = _parts(module, cfg, state, where)
     growth = int(sum(parts.terms.values()))
     stage = "base" if module is None else module.NAME
     W = state.weights_bytes() if module is not None else 0
     fixed = overhead(kind)
     allocated = parts.on_device_input + growth
-    breakdown = {"input weights": W, **parts.terms, "process overhead" if kind == "cpu" else "CUDA context": fixed}
+    breakdown = {"input weights": parts.on_device_input,  # resident: W, or none under FSDP (its shards are terms)
+                 **parts.terms, "process overhead" if kind == "cpu" else "CUDA context": fixed}
     for note in parts.notes:
         breakdown.setdefault("notes", []).append(note)
     plan = StagePlan(stage=stage, name=name or stage, weights_bytes=W, peak_bytes=allocated + fixed,
@@ -117,7 +119,7 @@ def _advice(module, cfg, state: ModelState, dev: memory.Device, plan: StagePlan,
 
     def peak(changes: dict) -> int:
         return predict_stage(module, dataclasses.replace(cfg, **changes), state, device=dev, states=states,
-                             data=where.data, loaded=where.loaded).peak_bytes
+                             data=where.data, loaded=where.loaded, fsdp=where.fsdp).peak_bytes
 
     if module is not None and plan.peak_bytes > dev.bytes:
         advise = getattr(module, "memory_advice", None)  # optional: a stage without it gets the generic advice only
@@ -138,12 +140,12 @@ def _advice(module, cfg, state: ModelState, dev: memory.Device, plan: StagePlan,
     return tips
 
 
-def plan(pipe, model_config: Any, device: Any = None) -> list[StagePlan]:
+def plan(pipe, model_config: Any, device: Any = None, fsdp: int = 1) -> list[StagePlan]:
     """One StagePlan per stage, base first (index 0: loading and evaluating the input model).
 
     pipe: a compress.config.Pipeline (its stages, eval and data); model_config: see memory.describe;
     device: see memory.resolve_device (a name in memory.DEVICES, 'cpu', '24GB', a byte count, a Device, or None
-    for no fit check)."""
+    for no fit check); fsdp: the training stages' processes under FSDP (configs/accelerate/fsdp.yaml), 1 = none."""
     state = initial_state(model_config)
     states = {"base": state}
     data = pipe.data or {}
@@ -152,7 +154,7 @@ def plan(pipe, model_config: Any, device: Any = None) -> list[StagePlan]:
     for spec in pipe.stages:
         inp = states[spec.source]
         p = predict_stage(spec.module, spec.config, inp, name=spec.name, index=spec.index, device=device,
-                          states=states, eval_cfg=pipe.eval, data=data, loaded=loaded)
+                          states=states, eval_cfg=pipe.eval, data=data, loaded=loaded, fsdp=fsdp)
         plans.append(p)
         loaded |= set(p.loads)
         states[spec.name] = states[str(spec.index)] = p.output_state
@@ -183,11 +185,12 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
     return "\n".join(out)
 
 
-def refuse_if_too_big(pipe, model_config: Any, device: memory.Device, force: bool = False) -> list[StagePlan]:
+def refuse_if_too_big(pipe, model_config: Any, device: memory.Device, force: bool = False,
+                      fsdp: int = 1) -> list[StagePlan]:
     """The plans on `device`, made before any work: a stage that cannot take its input (an unsupported family, a
     quantized input where it needs floats) is refused in one line by its memory model; one predicted not to fit is
     refused too, unless `force`."""
-    plans = plan(pipe, model_config, device)
+    plans = plan(pipe, model_config, device, fsdp)
     for p in plans if not force else []:
         if p.fits is False:
             raise CompressError(
@@ -201,7 +204,7 @@ def refuse_if_too_big(pipe, model_config: Any, device: memory.Device, force: boo
 # Predictions for a run, from the loaded model (stored in the manifest next to what was measured)
 
 
-def predict_for_run(pipe, spec, model) -> int:
+def predict_for_run(pipe, spec, model, fsdp: int = 1) -> int:
     """Predicted growth of one pipeline stage from its loaded input model (compress.pipeline calls this): the
     manifest's memory.predicted_peak_bytes. A distillation teacher other than the input is taken to be the size
     of the input (its config is not at hand here)."""
@@ -212,7 +215,7 @@ def predict_for_run(pipe, spec, model) -> int:
     loaded = {lib for lib in ("bitsandbytes",) if lib in sys.modules}
     device = memory.machine(next(model.parameters()).device)
     return predict_stage(spec.module, spec.config, state, device=device, states=states, data=pipe.data or {},
-                         loaded=loaded).growth_bytes
+                         loaded=loaded, fsdp=fsdp).growth_bytes
 
 
 def predict_eval_for_run(eval_cfg, model, reference=None) -> int:

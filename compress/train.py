@@ -72,7 +72,6 @@ whose weights do not fit one device before sharding (every process loads the sta
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import itertools
 import json

@@ -300,8 +300,13 @@ def probe_input(model, n: int = 2, length: int = 16) -> torch.Tensor:
 
 
 @torch.no_grad()
-def outputs(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits (LM heads) or last hidden states (bare encoders) in float32 on CPU."""
+def outputs(model, ids: torch.Tensor, onload_to=None) -> torch.Tensor:
+    """Logits (LM heads) or last hidden states (bare encoders) in float32 on CPU; `onload_to`: a device to run
+    the model on one block at a time (compress/onload.py; causal LMs), the model staying where it is."""
+    if onload_to is not None:
+        from compress import onload
+
+        return next(onload.logits_by_block(model, [ids], onload_to))[1].float().cpu()
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device))
     t = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
@@ -313,17 +318,20 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
-def round_trip(model, folder: Path, device, trust_remote_code: bool = False) -> tuple[dict, torch.nn.Module]:
+def round_trip(model, folder: Path, device, trust_remote_code: bool = False,
+               onload: bool = False) -> tuple[dict, torch.nn.Module]:
     """Reload `folder` through load() and compare its outputs with the in-memory `model` on a fixed input.
 
     Returns the check's record and the reloaded model (what the pipeline evaluates: the checkpoint as saved),
-    with any weight cache the check's forward built dropped, so it is as a fresh load."""
+    with any weight cache the check's forward built dropped, so it is as a fresh load. onload: both models stay on
+    the host and run one block at a time on `device` (a model bigger than the device)."""
     config = check_folder(folder)
     fmt = FORMATS[format_of(config)]
     ids = probe_input(model)
-    expected = outputs(model, ids)
-    reloaded, _ = load(folder, device=device, trust_remote_code=trust_remote_code)
-    err = max_rel_error(expected, outputs(reloaded, ids))
+    to = device if onload else None
+    expected = outputs(model, ids, to)
+    reloaded, _ = load(folder, device="cpu" if onload else device, trust_remote_code=trust_remote_code)
+    err = max_rel_error(expected, outputs(reloaded, ids, to))
     drop_caches(reloaded)
     if not err <= fmt.tolerance:  # also catches NaN
         raise CompressError(

@@ -153,23 +153,29 @@ def upcast_float16_on_cpu(model, device) -> str | None:
     return "float16"
 
 
-def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
-    """Evaluate `model` (already on `device`) under `cfg`: {"accuracy": {...}, "speed": {...}}.
+def run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool = False) -> dict:
+    """Evaluate `model` (already on `device`, or with `onload` on the host, run one block at a time on `device`)
+    under `cfg`: {"accuracy": {...}, "speed": {...}}.
 
     A float16 model on a CPU is computed in float32 (`upcast_float16_on_cpu`, in place: pass a model that is
-    loaded for evaluation); every protocol then records stored_dtype float16.
+    loaded for evaluation; not when onloaded, which would copy it whole); every protocol then records
+    stored_dtype float16. Onloaded, decode speed is not measured (a model bigger than the device decodes at the
+    speed of its host-to-device copies, which says nothing about the model).
     """
     device = torch.device(device)
+    if onload and (model_kind(model) != "causal" or cfg.agreement or cfg.tasks):
+        raise CompressError("evaluation one block at a time (offload) covers causal LMs' perplexity, KL and top-1; "
+                            "agreement and lm-eval tasks need the whole model on the device (offload: never)")
     if _quant_method(model) == "bitsandbytes":
         from compress import measure
 
         with measure.mmap_threshold():  # bitsandbytes' many small buffers per matmul (see compress.measure)
-            return _run(model, tokenizer, cfg, device, base_model)
-    return _run(model, tokenizer, cfg, device, base_model)
+            return _run(model, tokenizer, cfg, device, base_model, onload)
+    return _run(model, tokenizer, cfg, device, base_model, onload)
 
 
-def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
-    stored = upcast_float16_on_cpu(model, device)
+def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool = False) -> dict:
+    stored = None if onload else upcast_float16_on_cpu(model, device)
     kind = model_kind(model)
     meter = _Throughput(device)
     accuracy: dict = {}
@@ -181,7 +187,7 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
             reference = (model if base_model is None else base_model) if cfg.kl and kind == "causal" else None
             accuracy["perplexity"] = {
                 spec: perplexity(model, tokenizer, spec, cfg, device, meter=meter if cfg.speed else None,
-                                 reference=reference)
+                                 reference=reference, onload=onload)
                 for spec in cfg.perplexity
             }
         sources = cfg.agreement or (cfg.perplexity if kind == "bare" else [])
@@ -196,11 +202,12 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
         speed = {"eval_tokens_per_s": None, "decode_tokens_per_s": None}
         if cfg.speed:
             speed["eval_tokens_per_s"] = meter.rate()
-            if kind == "causal":
+            if kind == "causal" and not onload:
                 speed["decode_tokens_per_s"] = decode_speed(model, tokenizer, cfg.decode_tokens, device)
             speed["protocol"] = {
                 "eval": meter.what, "eval_tokens": meter.tokens, "batch_size": cfg.batch_size,
-                "decode_tokens": cfg.decode_tokens if kind == "causal" else None, "decode_batch": 1,
+                "decode_tokens": cfg.decode_tokens if kind == "causal" and not onload else None, "decode_batch": 1,
+                "onload": onload,
                 "dtype": _dtype(model), "device": str(device),
             }
     finally:

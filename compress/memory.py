@@ -495,6 +495,34 @@ def training_parts(terms: dict, state: ModelState, where: "Where", out: ModelSta
     return Parts({k: v for k, v in phases[peak].items() if v}, resident, out, notes)
 
 
+def block_bytes(state: ModelState) -> int:
+    """Bytes of one decoder block in `state` (what onloading holds of a model at a time)."""
+    s = state.shape
+    outer = s.vocab * s.hidden * state.act_bytes * (1 if s.tied else 2)
+    return max(0, state.weights_bytes() - outer) // max(s.layers, 1)
+
+
+def onloaded_eval_terms(state: ModelState, cfg, reference: ModelState | None = None) -> dict:
+    """Evaluating with the model (and the base, for KL) onloaded one block at a time (compress/onload.py): nothing
+    resident but one block, the hidden states of every window of a source (input and output of a block), one
+    batch's logits and the head and embeddings the tail reads."""
+    shape, a = state.shape, state.act_bytes
+    windows = max(1, cfg.max_tokens // cfg.seq_len) if cfg.max_tokens else 64
+    batch = min(cfg.batch_size, windows)
+    terms = {"one block onloaded": block_bytes(state) + (state.shape.layer_params * a if state.format == "gptq" else 0),
+             "hidden states of every window (in and out)": 2 * windows * cfg.seq_len * shape.hidden * a,
+             "tail: head and embeddings": shape.vocab * shape.hidden * a * (1 if shape.tied else 2),
+             "logits of one batch (+ fp32 copies)": batch * cfg.seq_len * shape.vocab * (a + 8)}
+    if cfg.kl and reference is not None:
+        terms["reference: one block, its hidden states and logits"] = (
+            block_bytes(reference) + 2 * windows * cfg.seq_len * shape.hidden * reference.act_bytes
+            + batch * cfg.seq_len * shape.vocab * reference.act_bytes)
+        terms["KL and top-1 (one window's log-softmax pair)"] = 3 * cfg.seq_len * shape.vocab * 4
+    if cfg.perplexity:
+        terms["eval text"] = max(data_bytes(shape, [(sp, "test")]) for sp in cfg.perplexity)
+    return terms
+
+
 def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState | None = None) -> dict:
     """Growth terms of evaluating a model in `state` under `cfg` (an evaluate.EvalConfig), as compress/evaluate.py
     runs it: perplexity windows of seq_len in batches of batch_size with use_cache=False, NLL
@@ -602,6 +630,7 @@ class Where:
     data: dict = field(default_factory=dict)     # the pipeline's data block (calibration, train)
     loaded: set = field(default_factory=set)     # libraries already imported by an earlier stage of this process
     fsdp: int = 1                     # processes a training stage is sharded over (accelerate FSDP); 1: none
+    onload: bool = False              # the input stays on the host, one block at a time on the device (compress/onload.py)
 
 
 @dataclass

@@ -39,6 +39,7 @@ class StagePlan:
     output_weights_bytes: int = 0 # the stage's output model
     eval_growth_bytes: int | None = None   # evaluating the output (pipeline eval block), over its weights
     eval_peak_bytes: int | None = None
+    onload: bool = False          # planned with the input on the host, one block at a time on the device
     output_state: ModelState | None = field(default=None, repr=False, compare=False)  # flows into the next stage
     loads: tuple = field(default=(), repr=False, compare=False)  # libraries the stage imports (memory.Parts.loads)
 
@@ -68,24 +69,33 @@ def initial_state(model_config: Any) -> ModelState:
 
 
 def _parts(module, cfg, state: ModelState, where: memory.Where) -> memory.Parts:
-    if module is None:  # the base model: loading its weights
+    if module is None:  # the base model: loading its weights (onloaded: memory-mapped, read a block at a time)
+        if where.onload:
+            return memory.Parts({"one block's weights paged in": memory.block_bytes(state)}, 0, state)
         return memory.Parts({"load weights": state.weights_bytes()}, 0, state)
     return module.predict_memory(cfg, state, where)
 
 
+def onloads(module) -> bool:
+    """Whether a step can run with its input on the host, one block at a time on the device: the base model's
+    loading and evaluation, and stages whose module says ONLOAD = True."""
+    return module is None or getattr(module, "ONLOAD", False)
+
+
 def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, index: int = 0, device: Any = None,
                   states: dict | None = None, eval_cfg=None, data: dict | None = None,
-                  loaded: set | None = None, fsdp: int = 1) -> StagePlan:
+                  loaded: set | None = None, fsdp: int = 1, onload: bool = False) -> StagePlan:
     """Predict one stage's memory: `module` is the stage module (None: loading the base model), `cfg` its Config,
     `state` its input model; `states` maps earlier stage names (and 'base') to states (a distill teacher);
     `eval_cfg` (the pipeline's EvalConfig) adds the evaluation of the output; `data` (the pipeline's data block)
     the text the stage loads; `loaded`: libraries an earlier stage already imported; `device`: see
     memory.resolve_device (None: no fit check); `fsdp`: processes a training stage is sharded over (its plan is
-    then per process)."""
+    then per process); `onload`: the input on the host, one block at a time on the device (see `onloads`)."""
     dev = memory.resolve_device(device)
     kind = dev.kind if dev else "cpu"
     states = dict(states or {})
-    where = memory.Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()), fsdp)
+    where = memory.Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()), fsdp,
+                         onload)
     parts = _parts(module, cfg, state, where)
     growth = int(sum(parts.terms.values()))
     stage = "base" if module is None else module.NAME
@@ -99,11 +109,15 @@ def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, in
     plan = StagePlan(stage=stage, name=name or stage, weights_bytes=W, peak_bytes=allocated + fixed,
                      growth_bytes=growth, breakdown=breakdown, index=index, device_kind=kind,
                      allocated_bytes=allocated, output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out,
-                     loads=tuple(parts.loads))
+                     loads=tuple(parts.loads), onload=onload)
     if eval_cfg is not None and getattr(module, "WRITES_CHECKPOINT", True):  # what the pipeline then evaluates
         ref = states.get("base") if module is not None else None  # compared with the base (agreement, KL)
-        plan.eval_growth_bytes = int(sum(memory.eval_terms(parts.out, eval_cfg, kind, ref).values()))
-        plan.eval_peak_bytes = plan.output_weights_bytes + plan.eval_growth_bytes + fixed
+        if onload:  # the output is evaluated onloaded too: nothing of it resident but one block
+            plan.eval_growth_bytes = int(sum(memory.onloaded_eval_terms(parts.out, eval_cfg, ref).values()))
+            plan.eval_peak_bytes = plan.eval_growth_bytes + fixed
+        else:
+            plan.eval_growth_bytes = int(sum(memory.eval_terms(parts.out, eval_cfg, kind, ref).values()))
+            plan.eval_peak_bytes = plan.output_weights_bytes + plan.eval_growth_bytes + fixed
     if dev is not None:
         plan.fits = max(plan.peak_bytes, plan.eval_peak_bytes or 0) <= dev.bytes
         if not plan.fits:
@@ -140,21 +154,33 @@ def _advice(module, cfg, state: ModelState, dev: memory.Device, plan: StagePlan,
     return tips
 
 
-def plan(pipe, model_config: Any, device: Any = None, fsdp: int = 1) -> list[StagePlan]:
+def plan(pipe, model_config: Any, device: Any = None, fsdp: int = 1, offload: str | None = None) -> list[StagePlan]:
     """One StagePlan per stage, base first (index 0: loading and evaluating the input model).
 
     pipe: a compress.config.Pipeline (its stages, eval and data); model_config: see memory.describe;
     device: see memory.resolve_device (a name in memory.DEVICES, 'cpu', '24GB', a byte count, a Device, or None
-    for no fit check); fsdp: the training stages' processes under FSDP (configs/accelerate/fsdp.yaml), 1 = none."""
+    for no fit check); fsdp: the training stages' processes under FSDP (configs/accelerate/fsdp.yaml), 1 = none;
+    offload (default: the pipeline's): auto onloads a step that can (`onloads`) when its whole-model plan does not
+    fit the device, always onloads every step that can, never none."""
+    offload = offload or getattr(pipe, "offload", "auto")
     state = initial_state(model_config)
     states = {"base": state}
     data = pipe.data or {}
-    plans = [predict_stage(None, None, state, name="base", index=0, device=device, eval_cfg=pipe.eval)]
+
+    def step(module, cfg, inp, **kw):
+        whole = None
+        if offload != "always" or not onloads(module):
+            whole = predict_stage(module, cfg, inp, device=device, onload=False, **kw)
+            if offload == "never" or whole.fits is not False or not onloads(module):
+                return whole
+        return predict_stage(module, cfg, inp, device=device, onload=True, **kw)
+
+    plans = [step(None, None, state, name="base", index=0, eval_cfg=pipe.eval)]
     loaded: set = set()  # libraries the stages before import into the one process (`compress run`)
     for spec in pipe.stages:
         inp = states[spec.source]
-        p = predict_stage(spec.module, spec.config, inp, name=spec.name, index=spec.index, device=device,
-                          states=states, eval_cfg=pipe.eval, data=data, loaded=loaded, fsdp=fsdp)
+        p = step(spec.module, spec.config, inp, name=spec.name, index=spec.index, states=states,
+                 eval_cfg=pipe.eval, data=data, loaded=loaded, fsdp=fsdp)
         plans.append(p)
         loaded |= set(p.loads)
         states[spec.name] = states[str(spec.index)] = p.output_state
@@ -164,12 +190,14 @@ def plan(pipe, model_config: Any, device: Any = None, fsdp: int = 1) -> list[Sta
 def format_table(plans: list[StagePlan], device: Any = None) -> str:
     """A fixed-width table for `compress plan`: one row per stage, then the advice of stages that do not fit."""
     dev = memory.resolve_device(device)
-    head = ["#", "stage", "name", "weights in", "growth", "peak", "eval peak", "weights out", "fits"]
+    head = ["#", "stage", "name", "weights in", "growth", "peak", "eval peak", "weights out", "fits", "spare"]
     rows = []
     for p in plans:
-        fits = "-" if p.fits is None else ("yes" if p.fits else "NO")
+        fits = "-" if p.fits is None else ("yes" if p.fits else "NO") + (", onloaded" if p.onload else "")
+        spare = fmt_bytes(dev.bytes - max(p.peak_bytes, p.eval_peak_bytes or 0)) if dev else "-"
         rows.append([f"{p.index:02d}", p.stage, p.name, fmt_bytes(p.weights_bytes), fmt_bytes(p.growth_bytes),
-                     fmt_bytes(p.peak_bytes), fmt_bytes(p.eval_peak_bytes), fmt_bytes(p.output_weights_bytes), fits])
+                     fmt_bytes(p.peak_bytes), fmt_bytes(p.eval_peak_bytes), fmt_bytes(p.output_weights_bytes), fits,
+                     spare])
     widths = [max(len(str(r[c])) for r in [head, *rows]) for c in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if c >= 3 else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
     out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
@@ -177,7 +205,9 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
     out.append("")
     out.append(f"peak = input weights + growth + {'CUDA context' if kind == 'cuda' else 'torch process'} "
                f"({fmt_bytes(overhead(kind))}); growth = extra over the resident input model"
-               + (f"; device {dev.name}: {fmt_bytes(dev.bytes)}" if dev else ""))
+               + (f"; device {dev.name}: {fmt_bytes(dev.bytes)}" if dev else "")
+               + ("; onloaded: the input stays on the host, one block at a time on the device (offload: never turns "
+                  "it off)" if any(p.onload for p in plans) else ""))
     for p in plans:
         if p.advice:
             out.append(f"{p.index:02d}-{p.name} does not fit:")
@@ -218,9 +248,12 @@ def predict_for_run(pipe, spec, model, fsdp: int = 1) -> int:
                          loaded=loaded, fsdp=fsdp).growth_bytes
 
 
-def predict_eval_for_run(eval_cfg, model, reference=None) -> int:
+def predict_eval_for_run(eval_cfg, model, reference=None, onload: bool = False) -> int:
     """Predicted growth of evaluating `model` under the pipeline's EvalConfig, against `reference` (the base model
-    a bare encoder is compared with, loaded for it; None: itself): the manifest's memory.eval_predicted_peak_bytes."""
+    a bare encoder is compared with, loaded for it; None: itself; onload: both run a block at a time): the manifest's
+    memory.eval_predicted_peak_bytes."""
     kind = next(model.parameters()).device.type
     ref = None if reference is None or reference is model else memory.state_from_model(reference)
+    if onload:
+        return int(sum(memory.onloaded_eval_terms(memory.state_from_model(model), eval_cfg, ref).values()))
     return int(sum(memory.eval_terms(memory.state_from_model(model), eval_cfg, kind, ref).values()))

@@ -63,3 +63,38 @@ def test_onloaded_perplexity_and_kl_equal_the_whole_model(tiny_llama, text_file)
     whole = evaluate.perplexity(noisy, tok, str(text_file), cfg, "cpu", reference=model)
     blocks = evaluate.perplexity(noisy, tok, str(text_file), cfg, "cpu", reference=model, onload=True)
     assert (blocks["value"], blocks["kl"], blocks["top1"]) == (whole["value"], whole["kl"], whole["top1"])
+
+
+def _pipeline(tmp_path, folder, text_file, offload: str, name: str):
+    from conftest import write_pipeline
+
+    return write_pipeline(tmp_path, f"""
+name: {name}
+model: {folder}
+offload: {offload}
+eval: {{perplexity: [{text_file}], seq_len: 64, max_tokens: 256, speed: false}}
+stages:
+  - eval: {{perplexity: [{text_file}], seq_len: 64, max_tokens: 256, speed: false, batch_size: 2}}
+""", f"{name}.yaml")
+
+
+def test_offload_always_gives_the_numbers_of_a_whole_model_run(tmp_path, tiny_llama, text_file):
+    """The base is evaluated in place (no copy of a model bigger than the device) and every number is the one a
+    whole-model run gives."""
+    from compress import checkpoint, config, manifest, pipeline
+
+    model, tok = tiny_llama
+    checkpoint.save(model, tok, tmp_path / "model")
+    runs = {}
+    for offload in ("never", "always"):
+        p = _pipeline(tmp_path, tmp_path / "model", text_file, offload, offload)
+        pipeline.run(config.load(p), out_root=tmp_path / "runs", log=lambda m: None, quiet=True)
+        runs[offload] = [manifest.read(tmp_path / "runs" / offload / f) for f in ("00-base", "01-eval")]
+    for whole, onl in zip(runs["never"], runs["always"]):
+        assert whole["accuracy"] == onl["accuracy"]
+    assert list((tmp_path / "runs" / "never" / "00-base").glob("*.safetensors"))
+    assert not list((tmp_path / "runs" / "always" / "00-base").glob("*.safetensors"))
+    assert runs["always"][0]["checkpoint"] == str(tmp_path / "model") and runs["always"][0]["stats"]["copied"] is False
+    again = pipeline.run(config.load(tmp_path / "always.yaml"), out_root=tmp_path / "runs", log=lambda m: None,
+                         quiet=True)
+    assert [r.status for r in again] == ["skipped", "skipped"]

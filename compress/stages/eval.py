@@ -20,6 +20,7 @@ from compress import evaluate, memory
 
 NAME = "eval"
 WRITES_CHECKPOINT = False  # the pipeline records the input's checkpoint instead of saving a copy
+ONLOAD = True              # can run a model bigger than the device, one block at a time (compress/onload.py)
 
 
 @dataclass
@@ -29,8 +30,8 @@ class Config(evaluate.EvalConfig):
 
 def run(model, tokenizer, cfg: Config, ctx):
     """Evaluate; return the model unchanged and {"accuracy": ..., "speed": ...} for the manifest."""
-    base = ctx.load_model("base")[0] if evaluate.needs_base(model, cfg) else None
-    return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base)
+    base = ctx.load_model("base", on_host=ctx.onload)[0] if evaluate.needs_base(model, cfg) else None
+    return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base, onload=ctx.onload)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,6 +43,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     with the base model, which is loaded for it."""
     base = where.states.get("base")
     ref = base if base is not None and base is not where.input else None
+    if where.onload:  # nothing of the input resident but one block
+        return memory.Parts(memory.onloaded_eval_terms(state, cfg, ref), 0, state)
     return memory.Parts(memory.eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
 
 

@@ -29,9 +29,10 @@ memory is what the limit counts: with no swap it cannot be reclaimed, while the 
 (RssFile) are page cache that the kernel drops under pressure.
 
 Peak RSS: the maximum of the sampled VmHWM (the kernel's high-water mark, read every 0.1 s). /usr/bin/time's
-"Maximum resident set size" is recorded too, but it is NOT the process peak here: compress.measure.PeakMemory
-resets the high-water mark (/proc/self/clear_refs) when each measured step starts, and the kernel reports the mark
-as it stands at exit, i.e. the peak since the last reset. Phases (base load + save, reload check, GPTQ layers,
+"Maximum resident set size" is recorded too, but it can understate the process peak: compress.measure.PeakMemory
+resets the high-water mark (/proc/self/clear_refs) when each measured step starts, and the kernel's rusage keeps
+an earlier peak only if some thread of the process exited after it (a 2 GB allocation freed before a reset is not
+reported: checked). Phases (base load + save, reload check, GPTQ layers,
 save ...) are cut at the log lines `compress run` prints; each gets its time and its largest sampled RSS, anon and
 file memory.
 
@@ -740,7 +741,7 @@ def fmt_b(n) -> str:
 def fmt_s(s) -> str:
     if s is None:
         return "-"
-    return f"{s / 60:.1f} min" if s >= 120 else f"{max(s, 0):.0f} s"
+    return f"{s / 60:.1f} min" if s >= 120 else f"{max(s, 0) + 0.0:.0f} s"
 
 
 def predicted_process_peak(rec: dict) -> tuple[int | None, int | None]:
@@ -762,9 +763,9 @@ def render(results: dict) -> str:
          "(perplexity on the zoo:austen test split, 512-token windows, 20480 tokens).", "",
          "Columns: *wall* = the whole `compress run` process; *peak RSS* = largest sampled VmHWM of the process "
          "(resident memory including the page cache of memory-mapped weights); *anon* = largest sampled anonymous "
-         "memory (what cannot be paged out: there is no swap); *time -v* = /usr/bin/time's maximum RSS, which here is "
-         "only the peak since compress.measure.PeakMemory last reset the high-water mark (clear_refs), not the "
-         "process peak; *planned* = `compress plan`'s peak for the gptq stage (input weights + growth + 400 MiB "
+         "memory (what cannot be paged out: there is no swap); *time -v* = /usr/bin/time's maximum RSS, which can understate the "
+         "peak (compress.measure.PeakMemory resets the high-water mark with clear_refs; the kernel's rusage keeps an "
+         "earlier peak only if a thread exited after it); *planned* = `compress plan`'s peak for the gptq stage (input weights + growth + 400 MiB "
          "process) and, after the slash, the largest planned peak of any step of the run (base load, eval); "
          "*disk in* = the input checkpoint, *00-base* = the copy the base step writes, *out* = the gptq stage's "
          "folder; *bits/weight* = gptq folder bytes x 8 / parameters (every byte on disk, embeddings included), "
@@ -909,6 +910,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--note", action="append", default=[], help="a paragraph for this label's section of scale.md")
     ap.add_argument("--self-test", action="store_true", help="check the generator on tiny shapes and exit")
+    ap.add_argument("--render-only", action="store_true", help="run nothing: store --note under --label and "
+                    "rewrite scale.md from scale.json")
     ap.add_argument("--generate", default=None, help=argparse.SUPPRESS)   # child: write one shape's checkpoint
     ap.add_argument("--into", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plan-json", default=None, help=argparse.SUPPRESS)  # child: the planner's numbers
@@ -929,6 +932,16 @@ def main(argv=None) -> None:
         return
     if a.plan_json:
         plan_json(a.plan_json)
+        return
+    if a.render_only:
+        path = a.out / "scale.json"
+        results = json.loads(path.read_text())
+        if a.note:
+            results.setdefault("notes", {})[a.label or "before"] = a.note
+        results["generator"] = GENERATOR_NOTE
+        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (a.out / "scale.md").write_text(render(results))
+        print(f"wrote {a.out / 'scale.md'}")
         return
 
     shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]

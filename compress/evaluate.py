@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress import data
+from compress import data, memory
 from compress.errors import CompressError
 
 MLM_MASK_RATE = 0.15       # fraction of each block's tokens masked for pseudo-perplexity
@@ -605,3 +605,95 @@ def task_names(entries: list[str]) -> tuple[list[str], list[str]]:
         else:
             names.append(entry)
     return names, list(dict.fromkeys(include))
+
+
+# ----------------------------------------------------------------------------- memory model (compress/planner.py)
+
+
+def predict_memory(state: memory.ModelState, cfg: EvalConfig, kind: str = "cpu",
+                   reference: memory.ModelState | None = None, onload: bool = False) -> dict:
+    """Growth terms of evaluating a model in `state` under `cfg`: the whole model on the device, or onloaded."""
+    return onloaded_memory_terms(state, cfg, reference) if onload else memory_terms(state, cfg, kind, reference)
+
+
+def memory_terms(state: memory.ModelState, cfg, kind: str = "cpu", reference: memory.ModelState | None = None) -> dict:
+    """Growth terms of evaluating a model in `state` under `cfg` (an evaluate.EvalConfig), as compress/evaluate.py
+    runs it: perplexity windows of seq_len in batches of batch_size with use_cache=False, NLL
+    from logits[:, :-1].float() (a copy: bf16 upcast, or the non-contiguous slice when batch > 1) and its
+    log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens). On a CPU a
+    float16 model (plain or GPTQ) is computed in float32 (evaluate.upcast_float16_on_cpu): a float32 copy of
+    its floating tensors, float32 activations. Agreement (bare encoders, or `agreement:` sources): batches of
+    evaluate.AGREEMENT_BATCH sentences with every layer's hidden states. `reference` is the base model a stage's
+    output is compared with, loaded for the evaluation: an encoder's agreement, or a causal LM's KL and top-1
+    (`kl`: the base's logits of the same batch, and a pair of fp32 log-softmax of one window at a time)."""
+    shape, a = state.shape, state.act_bytes
+    seq, batch, max_tokens = cfg.seq_len, cfg.batch_size, cfg.max_tokens
+    if max_tokens and not cfg.stride:
+        batch = max(1, min(batch, int(max_tokens) // seq))  # at most max_tokens // seq_len windows per source
+    n = batch * seq * shape.vocab
+    upcast = {}
+    if kind == "cpu" and state.dtype == "float16" and state.format in ("plain", "gptq"):
+        upcast["float32 copy (float16 computed in float32 on CPU)"] = state.float_numel() * 4
+        a = 4
+    specs = cfg.perplexity or []
+    agree = cfg.agreement or ([] if shape.logits else specs)  # bare encoders: agreement by default
+    ppl_specs = specs if shape.logits else []
+    terms = {**upcast}
+    # the two kinds of forwards run one after the other: the larger working set is the peak
+    phases = {}
+    if ppl_specs:  # perplexity windows
+        phases["perplexity"] = (batch, {
+            "logits": n * a,
+            "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
+            "log-softmax": n * 4,
+            "layer transient": memory.inference_layer_bytes(shape, a, batch, seq),
+        })
+        if cfg.kl and reference is not None:
+            phases["perplexity"][1]["reference (base) model weights"] = reference.weights_bytes()
+            phases["perplexity"][1]["reference logits"] = n * reference.act_bytes
+            phases["perplexity"][1]["KL and top-1 (one window's log-softmax pair)"] = 3 * seq * shape.vocab * 4
+    if agree:  # agreement: AGREEMENT_BATCH sentences of <= seq_len tokens, output_hidden_states, fp32 mean pool
+        B = AGREEMENT_BATCH
+        phases["agreement"] = (B, {
+            "hidden states of every layer": (shape.layers + 1) * B * seq * shape.hidden * a,
+            "fp32 last hidden state and masked copy": 2 * B * seq * shape.hidden * 4,
+            "logits": B * seq * shape.vocab * a if shape.logits else 0,
+            "layer transient": memory.inference_layer_bytes(shape, a, B, seq),
+        })
+        if reference is not None:  # the base model, compared against, is read in during the evaluation
+            phases["agreement"][1]["reference (base) model weights"] = reference.weights_bytes()
+    rows = 0
+    if phases:
+        rows, peak = max(phases.values(), key=lambda p: sum(p[1].values()))
+        terms.update(peak)
+    if cfg.speed and cfg.decode_tokens and shape.logits:
+        terms["decode kv cache"] = memory.kv_cache_bytes(shape, a, 1, 64 + cfg.decode_tokens)
+    if state.format == "gptq":  # QuantLinear caches each dequantized weight in the activation dtype
+        terms["dequantized weight cache"] = state.shape.layers * sum(i * o for _, i, o in state.quantized_linears()) * a
+    elif state.format == "bnb-int8" and rows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
+        i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1])
+        terms["int8 matmul buffers"] = rows * seq * (3 * i + 4 * o)
+    if specs or agree:  # one source at a time: the largest test split
+        terms["eval text"] = max(memory.data_bytes(shape, [(sp, "test")]) for sp in [*specs, *agree])
+    return {k: v for k, v in terms.items() if v}
+
+
+def onloaded_memory_terms(state: memory.ModelState, cfg, reference: memory.ModelState | None = None) -> dict:
+    """Evaluating with the model (and the base, for KL) onloaded one block at a time (compress/onload.py): nothing
+    resident but one block, the hidden states of every window of a source (input and output of a block), one
+    batch's logits and the head and embeddings the tail reads."""
+    shape, a = state.shape, state.act_bytes
+    windows = max(1, cfg.max_tokens // cfg.seq_len) if cfg.max_tokens else 64
+    batch = min(cfg.batch_size, windows)
+    terms = {"one block onloaded": memory.block_bytes(state) + (state.shape.layer_params * a if state.format == "gptq" else 0),
+             "hidden states of every window (in and out)": 2 * windows * cfg.seq_len * shape.hidden * a,
+             "tail: head and embeddings": shape.vocab * shape.hidden * a * (1 if shape.tied else 2),
+             "logits of one batch (+ fp32 copies)": batch * cfg.seq_len * shape.vocab * (a + 8)}
+    if cfg.kl and reference is not None:
+        terms["reference: one block, its hidden states and logits"] = (
+            memory.block_bytes(reference) + 2 * windows * cfg.seq_len * shape.hidden * reference.act_bytes
+            + batch * cfg.seq_len * shape.vocab * reference.act_bytes)
+        terms["KL and top-1 (one window's log-softmax pair)"] = 3 * cfg.seq_len * shape.vocab * 4
+    if cfg.perplexity:
+        terms["eval text"] = max(memory.data_bytes(shape, [(sp, "test")]) for sp in cfg.perplexity)
+    return terms

@@ -9,7 +9,7 @@ its `memory_advice(cfg, state, kind, fits) -> [memory.Tip]` (optional). The mode
 format) flows from stage to stage through the Parts each returns. Adding a stage needs nothing here.
 
 The base model (index 0) is "loading the weights"; every plan also predicts evaluating the stage's output under
-the pipeline's `eval:` block (memory.eval_terms). See compress/memory.py for the terms and what is measured.
+the pipeline's `eval:` block (evaluate.predict_memory). See compress/memory.py for the terms and what is measured.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from compress import memory
+from compress import evaluate, memory
 from compress.errors import CompressError
 from compress.memory import ModelState, fmt_bytes
 
@@ -112,12 +112,9 @@ def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, in
                      loads=tuple(parts.loads), onload=onload)
     if eval_cfg is not None and getattr(module, "WRITES_CHECKPOINT", True):  # what the pipeline then evaluates
         ref = states.get("base") if module is not None else None  # compared with the base (agreement, KL)
-        if onload:  # the output is evaluated onloaded too: nothing of it resident but one block
-            plan.eval_growth_bytes = int(sum(memory.onloaded_eval_terms(parts.out, eval_cfg, ref).values()))
-            plan.eval_peak_bytes = plan.eval_growth_bytes + fixed
-        else:
-            plan.eval_growth_bytes = int(sum(memory.eval_terms(parts.out, eval_cfg, kind, ref).values()))
-            plan.eval_peak_bytes = plan.output_weights_bytes + plan.eval_growth_bytes + fixed
+        plan.eval_growth_bytes = int(sum(evaluate.predict_memory(parts.out, eval_cfg, kind, ref, onload).values()))
+        # onloaded, the output is evaluated a block at a time too: nothing of it resident but that block
+        plan.eval_peak_bytes = plan.eval_growth_bytes + fixed + (0 if onload else plan.output_weights_bytes)
     if dev is not None:
         plan.fits = max(plan.peak_bytes, plan.eval_peak_bytes or 0) <= dev.bytes
         if not plan.fits:
@@ -145,10 +142,10 @@ def _advice(module, cfg, state: ModelState, dev: memory.Device, plan: StagePlan,
             tips.append(f"add a `cast: {{dtype: bfloat16}}` stage before it: halves the weights "
                         f"({fmt_bytes(state.weights_bytes() // 2)} saved, more in activations)")
     if eval_cfg is not None and (plan.eval_peak_bytes or 0) > dev.bytes:
-        now = sum(memory.eval_terms(plan.output_state, eval_cfg, dev.kind).values())
+        now = sum(evaluate.predict_memory(plan.output_state, eval_cfg, dev.kind).values())
         for key, value in (("batch_size", eval_cfg.batch_size // 2), ("seq_len", eval_cfg.seq_len // 2)):
             if value >= (1 if key == "batch_size" else 64):
-                less = sum(memory.eval_terms(plan.output_state, dataclasses.replace(eval_cfg, **{key: value}),
+                less = sum(evaluate.predict_memory(plan.output_state, dataclasses.replace(eval_cfg, **{key: value}),
                                              dev.kind).values())
                 tips.append(f"eval {key}: {value}: saves {fmt_bytes(now - less)} in evaluation")
     return tips
@@ -254,6 +251,4 @@ def predict_eval_for_run(eval_cfg, model, reference=None, onload: bool = False) 
     memory.eval_predicted_peak_bytes."""
     kind = next(model.parameters()).device.type
     ref = None if reference is None or reference is model else memory.state_from_model(reference)
-    if onload:
-        return int(sum(memory.onloaded_eval_terms(memory.state_from_model(model), eval_cfg, ref).values()))
-    return int(sum(memory.eval_terms(memory.state_from_model(model), eval_cfg, kind, ref).values()))
+    return int(sum(evaluate.predict_memory(memory.state_from_model(model), eval_cfg, kind, ref, onload).values()))

@@ -12,6 +12,7 @@ import torch
 
 from compress import config, measure, planner
 from compress import memory as M
+from compress import evaluate
 from compress.evaluate import EvalConfig
 from compress.errors import CompressError
 from compress.stages import STAGES
@@ -215,12 +216,12 @@ def test_bare_encoder_plans_no_logits():
     assert not any("logits" in k or "KL" in k for k in distill.breakdown)
     B, S, h = 4, 128, 64
     assert distill.breakdown["teacher hidden states"] == (4 + 1) * B * S * h * 4   # every teacher layer + embeddings
-    ev = M.eval_terms(base.output_state, EvalConfig(perplexity=["zoo:austen"], seq_len=128))  # agreement by default
+    ev = evaluate.predict_memory(base.output_state, EvalConfig(perplexity=["zoo:austen"], seq_len=128))  # agreement by default
     from compress.evaluate import AGREEMENT_BATCH as B
 
     assert ev["hidden states of every layer"] == (4 + 1) * B * S * h * 4 and "logits" not in ev
     assert "reference (base) model weights" not in ev
-    with_ref = M.eval_terms(distill.output_state, EvalConfig(**stages["eval"]), "cpu", base.output_state)
+    with_ref = evaluate.predict_memory(distill.output_state, EvalConfig(**stages["eval"]), "cpu", base.output_state)
     assert with_ref["reference (base) model weights"] == base.output_weights_bytes      # the student vs its teacher
     assert distill.eval_growth_bytes == sum(with_ref.values())
     with_head = plan(stages, json.loads(TINY_BERT.read_text()))[1]
@@ -229,8 +230,8 @@ def test_bare_encoder_plans_no_logits():
 
 def test_eval_batches_no_more_windows_than_max_tokens_gives(tiny_shape, txt):
     state = M.ModelState(tiny_shape, "float32")
-    few = M.eval_terms(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=1024))
-    many = M.eval_terms(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=20480))
+    few = evaluate.predict_memory(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=1024))
+    many = evaluate.predict_memory(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=20480))
     assert few["logits"] == 2 * 512 * 264 * 4 and many["logits"] == 4 * 512 * 264 * 4   # 2 windows, then batch 4
 
 

@@ -39,13 +39,12 @@ def run(model, tokenizer, cfg: Config, ctx):
 
 
 def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
-    """This stage's memory: an evaluation (memory.eval_terms); a bare encoder other than the base is compared
-    with the base model, which is loaded for it."""
+    """This stage's memory: an evaluation (evaluate.predict_memory); the base model it is compared with is loaded
+    for it."""
     base = where.states.get("base")
     ref = base if base is not None and base is not where.input else None
-    if where.onload:  # nothing of the input resident but one block
-        return memory.Parts(memory.onloaded_eval_terms(state, cfg, ref), 0, state)
-    return memory.Parts(memory.eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
+    terms = evaluate.predict_memory(state, cfg, where.kind, ref, where.onload)
+    return memory.Parts(terms, 0 if where.onload else state.weights_bytes(), state)  # onloaded: one block resident
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:

@@ -6,6 +6,9 @@ Formats (detected from config.json's `quantization_config`):
     gptq      GPTQ v1 packed int32 qweight/qzeros/scales  -> our QuantLinear (dequantizes in torch)
     bnb-int8  bitsandbytes LLM.int8() weight + SCB        -> bitsandbytes Linear8bitLt
 
+A folder may also hold `adapter/` (PEFT LoRA: adapter_config.json + adapter_model.safetensors, the `lora`
+stage's output): `save` of a peft model writes the base as above plus adapter/, and `load` applies it.
+
 Every checkpoint is a folder of safetensors + config.json + tokenizer files that transformers (and, for the
 quantized formats, transformers with optimum+gptqmodel or bitsandbytes) loads as is. Quantized MoE checkpoints
 hold their experts per expert, under the names of the family's original checkpoints (compress/moe.py): GPTQModel
@@ -76,8 +79,9 @@ def format_of(config: dict) -> str:
 # --------------------------------------------------------------------------------------------- checks before loading
 
 
-def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
-    """Validate a checkpoint folder before loading it; return its config.json dict."""
+def check_folder(folder: Path, allow_pickle: bool = False, weights: bool = True) -> dict:
+    """Validate a checkpoint folder before loading it; return its config.json dict. weights=False: a folder with
+    only config.json is enough (planning before downloading the weights)."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CompressError(f"{folder} has no config.json: not a model checkpoint folder")
@@ -85,6 +89,8 @@ def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CompressError(f"{cfg_path} is corrupt: {e}") from None
+    if not weights:
+        return config
     has_st = any(p for g in WEIGHT_GLOBS for p in folder.glob(g))
     has_pickle = any(p for g in PICKLE_GLOBS for p in folder.glob(g))
     if not has_st:
@@ -136,6 +142,8 @@ def load(
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CompressError(f"cannot load checkpoint {folder}: {str(e).splitlines()[0]}") from None
+    if has_adapter(folder):
+        model = load_adapter(model, folder)
     model.to(device)
     model.eval()
     try:
@@ -202,6 +210,8 @@ def save(model, tokenizer, folder: str | Path) -> None:
     """Write safetensors + config.json (+ generation_config) + tokenizer into `folder` (created)."""
     from safetensors.torch import save_file
 
+    if is_adapted(model):
+        return save_adapted(model, tokenizer, folder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     qc = getattr(model.config, "quantization_config", None)
@@ -242,16 +252,60 @@ def copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+# --------------------------------------------------------------------------------------------- adapters (PEFT)
+
+ADAPTER_DIR = "adapter"  # a LoRA adapter over the folder's base checkpoint, in PEFT's format
+
+
+def is_adapted(model) -> bool:
+    """True for a peft model (LoRA adapters applied, not merged). peft is never imported to find out."""
+    import sys
+
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def has_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+def adapter_files(folder: str | Path) -> list[Path]:
+    """The files of folder/adapter/ (empty when there is none), sorted: part of the checkpoint's content."""
+    sub = Path(folder) / ADAPTER_DIR
+    return sorted(f for f in sub.iterdir() if f.is_file()) if sub.is_dir() else []
+
+
+def save_adapted(model, tokenizer, folder: str | Path) -> None:
+    """A peft model: the frozen base exactly as `save` writes it (adapter layers swapped out, not copied), then
+    the adapter into folder/adapter/ with peft's save_pretrained (safetensors)."""
+    from compress.algorithms import lora
+
+    folder = Path(folder)
+    with lora.without_adapters(model) as base:
+        save(base, tokenizer, folder)
+    model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+
+
+def load_adapter(model, folder: str | Path):
+    """Apply folder/adapter/ to the base `model` just loaded from `folder`; returns the PeftModel."""
+    from compress.algorithms import lora
+
+    try:
+        return lora.load_adapter(model, Path(folder) / ADAPTER_DIR)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CompressError(f"cannot apply the adapter in {folder}/{ADAPTER_DIR}: {str(e).splitlines()[0]}") from None
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 
 def content_hash(folder: Path) -> str:
     """sha256 over the names and bytes of a checkpoint's model files (weights, config, tokenizer)."""
     h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
+    for f in sorted(folder.iterdir()) + adapter_files(folder):
         if not f.is_file() or f.name == "manifest.json":
             continue
-        h.update(f.name.encode() + b"\0")
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
@@ -266,8 +320,13 @@ def probe_input(model, n: int = 2, length: int = 16) -> torch.Tensor:
 
 
 @torch.no_grad()
-def outputs(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits (LM heads) or last hidden states (bare encoders) in float32 on CPU."""
+def outputs(model, ids: torch.Tensor, onload_to=None) -> torch.Tensor:
+    """Logits (LM heads) or last hidden states (bare encoders) in float32 on CPU; `onload_to`: a device to run
+    the model on one block at a time (compress/onload.py; causal LMs), the model staying where it is."""
+    if onload_to is not None:
+        from compress import onload
+
+        return next(onload.logits_by_block(model, [ids], onload_to))[1].float().cpu()
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device))
     t = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
@@ -279,17 +338,20 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
-def round_trip(model, folder: Path, device, trust_remote_code: bool = False) -> tuple[dict, torch.nn.Module]:
+def round_trip(model, folder: Path, device, trust_remote_code: bool = False,
+               onload: bool = False) -> tuple[dict, torch.nn.Module]:
     """Reload `folder` through load() and compare its outputs with the in-memory `model` on a fixed input.
 
     Returns the check's record and the reloaded model (what the pipeline evaluates: the checkpoint as saved),
-    with any weight cache the check's forward built dropped, so it is as a fresh load."""
+    with any weight cache the check's forward built dropped, so it is as a fresh load. onload: both models stay on
+    the host and run one block at a time on `device` (a model bigger than the device)."""
     config = check_folder(folder)
     fmt = FORMATS[format_of(config)]
     ids = probe_input(model)
-    expected = outputs(model, ids)
-    reloaded, _ = load(folder, device=device, trust_remote_code=trust_remote_code)
-    err = max_rel_error(expected, outputs(reloaded, ids))
+    to = device if onload else None
+    expected = outputs(model, ids, to)
+    reloaded, _ = load(folder, device="cpu" if onload else device, trust_remote_code=trust_remote_code)
+    err = max_rel_error(expected, outputs(reloaded, ids, to))
     drop_caches(reloaded)
     if not err <= fmt.tolerance:  # also catches NaN
         raise CompressError(

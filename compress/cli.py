@@ -100,8 +100,7 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
     pipeline.stage_position(pipe, until)  # an unknown --until fails here, before anything is loaded
     if dry_run:
         source = pipeline.source_of(pipe)
-        if not force:
-            planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)))
+        planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)), force=force)
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
         return
@@ -247,7 +246,9 @@ def eval_cmd(model, data, seq_len, max_tokens, base, as_json):
                    "such as 24GB, or cpu:64GB. Default: the device `compress run` would use here.")
 @click.option("--memory", "memory_gb", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Memory available in GB (10^9 bytes), on the kind of device `compress run` would use here.")
-def plan(pipeline_file, device, memory_gb):
+@click.option("--fsdp", "fsdp", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Plan the training stages per GPU of an FSDP run over N GPUs (configs/accelerate/fsdp.yaml).")
+def plan(pipeline_file, device, memory_gb, fsdp):
     """Predict each stage's peak memory from the model's config alone, and whether it fits.
 
     No weight is loaded: parameters are counted on a meta-device model and each stage's peak is the sum of
@@ -260,6 +261,7 @@ def plan(pipeline_file, device, memory_gb):
       compress plan                              # the default demo on this machine
       compress plan pipelines/smollm2-shear.yaml --device rtx4090
       compress plan my.yaml --memory 16
+      compress plan my.yaml --device h100-80gb --fsdp 8   # per GPU of 8, training stages sharded
     """
     from compress import config, memory, pipeline, planner
 
@@ -272,7 +274,7 @@ def plan(pipeline_file, device, memory_gb):
         target = memory.Device(f"{memory_gb:g} GB", here.type, int(memory_gb * 1e9))
     else:
         target = memory.resolve_device(device) if device else memory.machine(here)
-    plans = planner.plan(pipe, pipeline.source_of(pipe).config, target)
+    plans = planner.plan(pipe, pipeline.source_of(pipe, weights=False).config, target, fsdp)
     click.echo(planner.format_table(plans, target))
     if any(p.fits is False for p in plans):
         click.get_current_context().exit(1)
@@ -282,8 +284,10 @@ def plan(pipeline_file, device, memory_gb):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
 @click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False),
-              help="Also write a Pareto plot PNG (size vs perplexity) here.")
-def report(run_dirs, fmt, plot):
+              help="Also write a Pareto plot PNG (size vs perplexity, or vs KL with --y kl) here.")
+@click.option("--y", "y", type=click.Choice(["perplexity", "kl"]), default="perplexity", show_default=True,
+              help="The plot's quality axis: perplexity, or KL divergence to the base model.")
+def report(run_dirs, fmt, plot, y):
     """One table of every stage of one or more runs, and a Pareto plot.
 
     \b
@@ -291,13 +295,14 @@ def report(run_dirs, fmt, plot):
       compress report artifacts/default
       compress report artifacts/default artifacts/smollm2-shear --format html > report.html
       compress report artifacts/default --plot pareto.png
+      compress report artifacts/default --plot kl.png --y kl
     """
     from compress import report as rp
 
     rows = rp.collect([Path(d) for d in run_dirs])
     click.echo({"md": rp.to_markdown, "html": rp.to_html, "json": rp.to_json}[fmt](rows))
     if plot:
-        rp.pareto_plot(rows, Path(plot))
+        rp.pareto_plot(rows, Path(plot), y=y)
         _log(f"wrote {plot}")
 
 

@@ -9,6 +9,10 @@
       - cast: {dtype: bfloat16}
       - cast: {dtype: float16, from: base, name: fp16}   # a branch from the base model
 
+`offload: auto | never | always` keeps a model on the host and runs it one decoder block at a time on the device
+(compress/onload.py), for the steps that can (loading and evaluating a model, gptq, eval); auto does it where the
+memory planner says the whole model does not fit.
+
 Reserved keys inside a stage mapping: `include` (a preset YAML from configs/, local keys override), `from`
 (`base`, or an earlier stage's name or index: start from that output instead of the previous one), `name`
 (the stage's name and folder suffix; defaults to the stage type, made unique with -2, -3 ...).
@@ -31,8 +35,9 @@ import yaml
 from compress.errors import CompressError
 from compress.stages import STAGES
 
-TOP_KEYS = ("name", "description", "model", "seed", "data", "eval", "stages", "device", "allow_pickle",
+TOP_KEYS = ("name", "description", "model", "seed", "data", "eval", "stages", "device", "offload", "allow_pickle",
             "trust_remote_code")
+OFFLOAD = ("auto", "never", "always")
 DATA_KEYS = ("calibration", "train")
 RESERVED = ("include", "from", "name")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -67,6 +72,7 @@ class Pipeline:
     eval: Any = None                     # evaluate.EvalConfig or None
     stages: list[StageSpec] = field(default_factory=list)
     device: str = "auto"
+    offload: str = "auto"                # auto | never | always: keep the model on the host, one block at a time on the device
     allow_pickle: bool = False
     trust_remote_code: bool = False
     path: Path | None = None
@@ -79,6 +85,7 @@ class Pipeline:
             "model": self.model,
             "seed": self.seed,
             "device": self.device,
+            "offload": self.offload,
             "allow_pickle": self.allow_pickle,
             "trust_remote_code": self.trust_remote_code,
             "data": self.data,
@@ -128,10 +135,14 @@ def parse(raw: Any, path: str | Path = "pipeline") -> Pipeline:
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
         raise CompressError(f"{path}: device must be auto, cpu or cuda[:N], got {device!r}")
+    offload = raw.get("offload", "auto")
+    if offload not in OFFLOAD:
+        raise CompressError(f"{path}: offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
     pipe = Pipeline(
         name=name, model=model, seed=seed, description=str(raw.get("description", "")),
         data=_parse_data(raw.get("data") or {}, path), eval=_parse_eval(raw.get("eval"), path), device=device,
         allow_pickle=raw.get("allow_pickle", False), trust_remote_code=raw.get("trust_remote_code", False), path=path,
+        offload=offload,
     )
     pipe.stages = _parse_stages(raw.get("stages"), path)
     return pipe

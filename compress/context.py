@@ -25,6 +25,9 @@ class Context:
     log: Callable[[str], None] = print        # one-line progress messages (the CLI routes them to stderr)
     quiet: bool = False                       # no progress bars (tests, CI)
     stats: dict = field(default_factory=dict) # extra numbers a stage wants in its manifest (also returned by run)
+    out_dir: Path | None = None               # a stage that writes no checkpoint may write files of its own here (export)
+    eval: Any = None                          # the pipeline's eval protocol (evaluate.EvalConfig), for stages that measure
+    onload: bool = False                      # the input stays on the host; stages that can run it a block at a time on `device`
 
     def progress(self, iterable: Iterable, desc: str, total: int | None = None, unit: str = "it"):
         """A tqdm progress bar over `iterable` (silent when quiet)."""
@@ -42,11 +45,12 @@ class Context:
             return self.stage_paths[str(ref)]
         raise CompressError(f"no finished stage named {ref!r}; known: {', '.join(['base', *self.stage_paths])}")
 
-    def load_model(self, ref: str) -> tuple[Any, Any]:
-        """Load an earlier output (see resolve_model_ref) as (model, tokenizer) on this context's device."""
+    def load_model(self, ref: str, on_host: bool = False) -> tuple[Any, Any]:
+        """Load an earlier output (see resolve_model_ref) as (model, tokenizer) on this context's device, or left
+        on the host (memory-mapped) for running it a block at a time."""
         from compress import checkpoint
 
-        return checkpoint.load(self.resolve_model_ref(ref), device=self.device)
+        return checkpoint.load(self.resolve_model_ref(ref), device="cpu" if on_host else self.device)
 
     @classmethod
     def for_tests(cls, tmp_path: Path, **kw) -> "Context":

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress import data
+from compress import data, memory
 from compress.errors import CompressError
 
 MLM_MASK_RATE = 0.15       # fraction of each block's tokens masked for pseudo-perplexity
@@ -68,6 +68,7 @@ class EvalConfig:
     decode_tokens: int = 32              # new tokens generated for decode tokens/s (causal LMs)
     agreement: list[str] = field(default_factory=list)  # sources for encoder agreement; default: perplexity's for bare encoders
     agreement_pairs: int = 256           # sentence pairs per agreement source: more = steadier spearman, slower
+    kl: bool = True                      # causal LMs: KL(base || model) and top-1 agreement over the same windows
     tasks: list[str] = field(default_factory=list)  # lm-eval task names, or paths to task YAML files/dirs
     limit: int | None = None             # lm-eval: examples per task (quick checks; not comparable to full runs)
 
@@ -93,7 +94,7 @@ class EvalConfig:
                 raise CompressError(f"eval.stride must be <= seq_len ({self.seq_len}), got {self.stride}")
         if self.limit is not None:
             _positive_int("limit", self.limit)
-        for key in ("bos", "speed"):
+        for key in ("bos", "speed", "kl"):
             if not isinstance(getattr(self, key), bool):
                 raise CompressError(f"eval.{key} must be true or false, got {getattr(self, key)!r}")
 
@@ -152,23 +153,29 @@ def upcast_float16_on_cpu(model, device) -> str | None:
     return "float16"
 
 
-def run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
-    """Evaluate `model` (already on `device`) under `cfg`: {"accuracy": {...}, "speed": {...}}.
+def run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool = False) -> dict:
+    """Evaluate `model` (already on `device`, or with `onload` on the host, run one block at a time on `device`)
+    under `cfg`: {"accuracy": {...}, "speed": {...}}.
 
     A float16 model on a CPU is computed in float32 (`upcast_float16_on_cpu`, in place: pass a model that is
-    loaded for evaluation); every protocol then records stored_dtype float16.
+    loaded for evaluation; not when onloaded, which would copy it whole); every protocol then records
+    stored_dtype float16. Onloaded, decode speed is not measured (a model bigger than the device decodes at the
+    speed of its host-to-device copies, which says nothing about the model).
     """
     device = torch.device(device)
+    if onload and (model_kind(model) != "causal" or cfg.agreement or cfg.tasks):
+        raise CompressError("evaluation one block at a time (offload) covers causal LMs' perplexity, KL and top-1; "
+                            "agreement and lm-eval tasks need the whole model on the device (offload: never)")
     if _quant_method(model) == "bitsandbytes":
         from compress import measure
 
         with measure.mmap_threshold():  # bitsandbytes' many small buffers per matmul (see compress.measure)
-            return _run(model, tokenizer, cfg, device, base_model)
-    return _run(model, tokenizer, cfg, device, base_model)
+            return _run(model, tokenizer, cfg, device, base_model, onload)
+    return _run(model, tokenizer, cfg, device, base_model, onload)
 
 
-def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
-    stored = upcast_float16_on_cpu(model, device)
+def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool = False) -> dict:
+    stored = None if onload else upcast_float16_on_cpu(model, device)
     kind = model_kind(model)
     meter = _Throughput(device)
     accuracy: dict = {}
@@ -177,8 +184,10 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
         m.eval()
     try:
         if cfg.perplexity and kind in ("causal", "masked"):
+            reference = (model if base_model is None else base_model) if cfg.kl and kind == "causal" else None
             accuracy["perplexity"] = {
-                spec: perplexity(model, tokenizer, spec, cfg, device, meter=meter if cfg.speed else None)
+                spec: perplexity(model, tokenizer, spec, cfg, device, meter=meter if cfg.speed else None,
+                                 reference=reference, onload=onload)
                 for spec in cfg.perplexity
             }
         sources = cfg.agreement or (cfg.perplexity if kind == "bare" else [])
@@ -193,11 +202,12 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
         speed = {"eval_tokens_per_s": None, "decode_tokens_per_s": None}
         if cfg.speed:
             speed["eval_tokens_per_s"] = meter.rate()
-            if kind == "causal":
+            if kind == "causal" and not onload:
                 speed["decode_tokens_per_s"] = decode_speed(model, tokenizer, cfg.decode_tokens, device)
             speed["protocol"] = {
                 "eval": meter.what, "eval_tokens": meter.tokens, "batch_size": cfg.batch_size,
-                "decode_tokens": cfg.decode_tokens if kind == "causal" else None, "decode_batch": 1,
+                "decode_tokens": cfg.decode_tokens if kind == "causal" and not onload else None, "decode_batch": 1,
+                "onload": onload,
                 "dtype": _dtype(model), "device": str(device),
             }
     finally:
@@ -209,6 +219,14 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None) -> dict:
             if isinstance(protocol, dict):
                 protocol["stored_dtype"] = stored
     return {"accuracy": accuracy, "speed": speed}
+
+
+def needs_base(model, cfg: EvalConfig) -> bool:
+    """Whether evaluating `model` under `cfg` compares it with the base model: agreement (encoders without an LM
+    head) or KL and top-1 agreement (causal LMs, `kl: true`)."""
+    kind = model_kind(model)
+    return (kind == "bare" and bool(cfg.agreement or cfg.perplexity)) or (kind == "causal" and cfg.kl
+                                                                          and bool(cfg.perplexity))
 
 
 def model_kind(model) -> str:
@@ -287,7 +305,7 @@ def causal_windows(stream: torch.Tensor, seq_len: int, max_tokens: int | None, s
     return ids, scored, (None if step == c else step)
 
 
-def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token NLL (float32 logits) over the scored target positions, and their count."""
     targets = ids[:, 1:]                                    # (B, L-1)
     mask = scored[:, 1:].to(logits.device)                  # (B, L-1)
@@ -297,8 +315,30 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> t
     return float(nll[mask].double().sum()), int(mask.sum())
 
 
-def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Throughput | None = None) -> dict:
-    """{"value": exp(mean NLL), "protocol": {...}} on the test split of `spec` (causal or masked LM)."""
+def divergence(ref_logits: torch.Tensor, logits: torch.Tensor, scored: torch.Tensor) -> tuple[float, int, int]:
+    """(sum over the scored next-token positions of KL(ref || model), positions whose argmax agrees, positions):
+    what quantization users compare besides perplexity. float32, one window at a time (memory of one window's
+    log-softmax pair)."""
+    kl, agree, n = 0.0, 0, 0
+    for r in range(len(logits)):
+        mask = scored[r, 1:].to(logits.device)                          # (L-1,)
+        p = F.log_softmax(ref_logits[r, :-1].float(), dim=-1)[mask]     # (N, V) the reference
+        q = F.log_softmax(logits[r, :-1].float(), dim=-1)[mask]
+        kl += float((p.exp() * (p - q)).sum(-1).double().sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        n += int(mask.sum())
+    return kl, agree, n
+
+
+def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Throughput | None = None,
+               reference=None, onload: bool = False) -> dict:
+    """{"value": exp(mean NLL), "protocol": {...}} on the test split of `spec` (causal or masked LM).
+
+    With a `reference` model (causal LMs: the pipeline's base model), also "kl": mean KL(reference || model) per
+    scored token and "top1": the share of scored positions whose argmax agrees, over the same windows (the
+    reference's forwards are not timed). `reference` may be `model` itself: kl 0, top1 1, no second forward.
+    onload: the model (and reference) stay on the host and run one block at a time on `device`
+    (compress/onload.py: the same logits); throughput is then the whole pass's, warmup included."""
     device = torch.device(device)
     kind = model_kind(model)
     if kind == "bare":
@@ -316,21 +356,43 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
         inputs, scored = mlm_mask(ids, tokenizer, cfg.bos)
         step = None
     nll, n = 0.0, 0
+    kl, agree, compared = 0.0, 0, 0
+    reference = reference if kind == "causal" else None
+    if onload and kind != "causal":
+        raise CompressError("onloading block by block evaluates causal LMs only")
+    starts = range(0, len(ids), cfg.batch_size)
     with torch.no_grad():
         kw = {"use_cache": False} if kind == "causal" else {}
-        if meter is not None:  # untimed warmup (allocator, kernels) so throughput reflects steady state
-            model(input_ids=inputs[: cfg.batch_size].to(device), **kw)
-        for i in range(0, len(ids), cfg.batch_size):
-            x = inputs[i:i + cfg.batch_size].to(device)  # (B, L)
-            if meter is not None:
-                out = meter.forward(model, "perplexity windows", x.numel(), input_ids=x, **kw)
-            else:
-                out = model(input_ids=x, **kw)
+        if onload:
+            from compress import onload as ol
+
+            t0 = time.perf_counter()
+            batches = [inputs[i:i + cfg.batch_size] for i in starts]
+            logits = (out for _, out in ol.logits_by_block(model, batches, device))
+            refs = (out for _, out in ol.logits_by_block(reference, batches, device)) \
+                if reference is not None and reference is not model else None
+        else:
+            if meter is not None:  # untimed warmup (allocator, kernels) so throughput reflects steady state
+                model(input_ids=inputs[: cfg.batch_size].to(device), **kw)
+            logits = (meter.forward(model, "perplexity windows", inputs[i:i + cfg.batch_size].numel(),
+                                    input_ids=inputs[i:i + cfg.batch_size].to(device), **kw).logits
+                      if meter is not None else model(input_ids=inputs[i:i + cfg.batch_size].to(device), **kw).logits
+                      for i in starts)
+            refs = (reference(input_ids=inputs[i:i + cfg.batch_size].to(device), **kw).logits for i in starts) \
+                if reference is not None and reference is not model else None
+        for i, out in zip(starts, logits):
             if kind == "causal":
-                s, k = _nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
+                s, k = nll_sum(out, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             else:
-                s, k = _masked_nll_sum(out.logits, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
+                s, k = _masked_nll_sum(out, ids[i:i + cfg.batch_size], scored[i:i + cfg.batch_size])
             nll, n = nll + s, n + k
+            if refs is not None:
+                d, a, c = divergence(next(refs), out, scored[i:i + cfg.batch_size])
+                kl, agree, compared = kl + d, agree + a, compared + c
+        if onload and meter is not None:
+            meter.seconds += time.perf_counter() - t0
+            meter.tokens += inputs.numel()
+            meter.what = meter.what or "perplexity windows, one block at a time"
     protocol = {
         "metric": "perplexity" if kind == "causal" else "pseudo-perplexity",
         "source": spec, "split": "test", "fingerprint": data.fingerprint(data.split_texts(spec, "test")),
@@ -340,7 +402,14 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
     }
     if kind == "masked":
         protocol.update(mask_rate=MLM_MASK_RATE, mask_seed=MLM_MASK_SEED)
-    return {"value": math.exp(nll / n), "protocol": protocol}
+    result = {"value": math.exp(nll / n), "protocol": protocol}
+    if reference is model:  # the base itself: no divergence by definition, nothing to compute
+        result.update(kl=0.0, top1=1.0)
+        protocol["reference"] = "self"
+    elif reference is not None:
+        result.update(kl=kl / compared, top1=agree / compared)
+        protocol["reference"] = "base"
+    return result
 
 
 def mlm_mask(blocks: torch.Tensor, tokenizer, bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -536,3 +605,95 @@ def task_names(entries: list[str]) -> tuple[list[str], list[str]]:
         else:
             names.append(entry)
     return names, list(dict.fromkeys(include))
+
+
+# ----------------------------------------------------------------------------- memory model (compress/planner.py)
+
+
+def predict_memory(state: memory.ModelState, cfg: EvalConfig, kind: str = "cpu",
+                   reference: memory.ModelState | None = None, onload: bool = False) -> dict:
+    """Growth terms of evaluating a model in `state` under `cfg`: the whole model on the device, or onloaded."""
+    return onloaded_memory_terms(state, cfg, reference) if onload else memory_terms(state, cfg, kind, reference)
+
+
+def memory_terms(state: memory.ModelState, cfg, kind: str = "cpu", reference: memory.ModelState | None = None) -> dict:
+    """Growth terms of evaluating a model in `state` under `cfg` (an evaluate.EvalConfig), as compress/evaluate.py
+    runs it: perplexity windows of seq_len in batches of batch_size with use_cache=False, NLL
+    from logits[:, :-1].float() (a copy: bf16 upcast, or the non-contiguous slice when batch > 1) and its
+    log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens). On a CPU a
+    float16 model (plain or GPTQ) is computed in float32 (evaluate.upcast_float16_on_cpu): a float32 copy of
+    its floating tensors, float32 activations. Agreement (bare encoders, or `agreement:` sources): batches of
+    evaluate.AGREEMENT_BATCH sentences with every layer's hidden states. `reference` is the base model a stage's
+    output is compared with, loaded for the evaluation: an encoder's agreement, or a causal LM's KL and top-1
+    (`kl`: the base's logits of the same batch, and a pair of fp32 log-softmax of one window at a time)."""
+    shape, a = state.shape, state.act_bytes
+    seq, batch, max_tokens = cfg.seq_len, cfg.batch_size, cfg.max_tokens
+    if max_tokens and not cfg.stride:
+        batch = max(1, min(batch, int(max_tokens) // seq))  # at most max_tokens // seq_len windows per source
+    n = batch * seq * shape.vocab
+    upcast = {}
+    if kind == "cpu" and state.dtype == "float16" and state.format in ("plain", "gptq"):
+        upcast["float32 copy (float16 computed in float32 on CPU)"] = state.float_numel() * 4
+        a = 4
+    specs = cfg.perplexity or []
+    agree = cfg.agreement or ([] if shape.logits else specs)  # bare encoders: agreement by default
+    ppl_specs = specs if shape.logits else []
+    terms = {**upcast}
+    # the two kinds of forwards run one after the other: the larger working set is the peak
+    phases = {}
+    if ppl_specs:  # perplexity windows
+        phases["perplexity"] = (batch, {
+            "logits": n * a,
+            "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
+            "log-softmax": n * 4,
+            "layer transient": memory.inference_layer_bytes(shape, a, batch, seq),
+        })
+        if cfg.kl and reference is not None:
+            phases["perplexity"][1]["reference (base) model weights"] = reference.weights_bytes()
+            phases["perplexity"][1]["reference logits"] = n * reference.act_bytes
+            phases["perplexity"][1]["KL and top-1 (one window's log-softmax pair)"] = 3 * seq * shape.vocab * 4
+    if agree:  # agreement: AGREEMENT_BATCH sentences of <= seq_len tokens, output_hidden_states, fp32 mean pool
+        B = AGREEMENT_BATCH
+        phases["agreement"] = (B, {
+            "hidden states of every layer": (shape.layers + 1) * B * seq * shape.hidden * a,
+            "fp32 last hidden state and masked copy": 2 * B * seq * shape.hidden * 4,
+            "logits": B * seq * shape.vocab * a if shape.logits else 0,
+            "layer transient": memory.inference_layer_bytes(shape, a, B, seq),
+        })
+        if reference is not None:  # the base model, compared against, is read in during the evaluation
+            phases["agreement"][1]["reference (base) model weights"] = reference.weights_bytes()
+    rows = 0
+    if phases:
+        rows, peak = max(phases.values(), key=lambda p: sum(p[1].values()))
+        terms.update(peak)
+    if cfg.speed and cfg.decode_tokens and shape.logits:
+        terms["decode kv cache"] = memory.kv_cache_bytes(shape, a, 1, 64 + cfg.decode_tokens)
+    if state.format == "gptq":  # QuantLinear caches each dequantized weight in the activation dtype
+        terms["dequantized weight cache"] = state.shape.layers * sum(i * o for _, i, o in state.quantized_linears()) * a
+    elif state.format == "bnb-int8" and rows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
+        i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1], default=(0, 0))
+        terms["int8 matmul buffers"] = rows * seq * (3 * i + 4 * o)
+    if specs or agree:  # one source at a time: the largest test split
+        terms["eval text"] = max(memory.data_bytes(shape, [(sp, "test")]) for sp in [*specs, *agree])
+    return {k: v for k, v in terms.items() if v}
+
+
+def onloaded_memory_terms(state: memory.ModelState, cfg, reference: memory.ModelState | None = None) -> dict:
+    """Evaluating with the model (and the base, for KL) onloaded one block at a time (compress/onload.py): nothing
+    resident but one block, the hidden states of every window of a source (input and output of a block), one
+    batch's logits and the head and embeddings the tail reads."""
+    shape, a = state.shape, state.act_bytes
+    windows = max(1, cfg.max_tokens // cfg.seq_len) if cfg.max_tokens else 64
+    batch = min(cfg.batch_size, windows)
+    terms = {"one block onloaded": memory.block_bytes(state) + (state.shape.layer_params * a if state.format == "gptq" else 0),
+             "hidden states of every window (in and out)": 2 * windows * cfg.seq_len * shape.hidden * a,
+             "tail: head and embeddings": shape.vocab * shape.hidden * a * (1 if shape.tied else 2),
+             "logits of one batch (+ fp32 copies)": batch * cfg.seq_len * shape.vocab * (a + 8)}
+    if cfg.kl and reference is not None:
+        terms["reference: one block, its hidden states and logits"] = (
+            memory.block_bytes(reference) + 2 * windows * cfg.seq_len * shape.hidden * reference.act_bytes
+            + batch * cfg.seq_len * shape.vocab * reference.act_bytes)
+        terms["KL and top-1 (one window's log-softmax pair)"] = 3 * cfg.seq_len * shape.vocab * 4
+    if cfg.perplexity:
+        terms["eval text"] = max(memory.data_bytes(shape, [(sp, "test")]) for sp in cfg.perplexity)
+    return terms

@@ -191,12 +191,13 @@ class PeakMemory:
     CUDA ("cuda-max-allocated"): reset peak stats; after: torch.cuda.max_memory_allocated() (the input model
     on the GPU included). Compare with StagePlan.allocated_bytes."""
 
-    def __init__(self, device: Any = "cpu", model=None, pin: bool = True):
+    def __init__(self, device: Any = "cpu", model=None, pin: bool = True, resident: bool = True):
         import torch
 
         self.device = torch.device(device)
         self.model = model
         self.pin = pin
+        self.resident = resident  # False: an onloaded input stays memory-mapped; the pages it reads count as growth
         self.method = "cuda-max-allocated" if self.device.type == "cuda" else "rss-growth"
         self.before = self.peak = self.measured_bytes = None
         self._pinned: list = []
@@ -212,7 +213,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
             return self
-        if self.model is not None:
+        if self.model is not None and self.resident:
             fault_in(self.model)
         release_free_heap()
         try:

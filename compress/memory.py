@@ -41,8 +41,9 @@ GPTQ and RTN do). Allocated = on-device input + growth (what CUDA max_allocated 
 overhead of the process (a torch + transformers CPU process, or the CUDA context): what must fit.
 
 Not modelled: glibc heap retention (compress/measure.py keeps it small in a run), paging in kernel code on
-first use and oneDNN scratch (measure.RSS_NOISE_BYTES: a few MiB, all a tiny model uses), DeepSpeed/FSDP
-sharding (divide weights, grads and states by the number of ranks yourself), gradient checkpointing,
+first use and oneDNN scratch (measure.RSS_NOISE_BYTES: a few MiB, all a tiny model uses), DeepSpeed and
+FSDP other than configs/accelerate/fsdp.yaml's recipe (`compress plan --fsdp N`: see training_terms), gradient
+checkpointing,
 8-bit optimizers, architectures other than decoder-only Llama-style and BERT-style encoders (their
 parameters are still counted exactly; activations use the Llama derivation).
 """
@@ -434,13 +435,16 @@ def train_logits_bytes(shape: ModelShape, a: int, batch: int, seq: int) -> int:
 
 
 def training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: bool, checkpointing: bool = False,
-                    new_weights: bool = False, master_weights: bool = False) -> dict:
+                    new_weights: bool = False, master_weights: bool = False, fsdp: int = 1) -> dict:
     """Gradients, AdamW states, activations and logits of full training of `shape` with w-byte weights.
 
     As compress/train.py trains: torch.optim.AdamW, whose m and v take the parameters' dtype, gradients in
     the parameters' dtype, no master copy; autocast keeps w = 4 weights and caches 16-bit copies of the
     linears. master_weights: the usual bf16 recipe instead (bf16 weights and grads, fp32 master + fp32 m, v),
-    as the README's arithmetic table assumes. new_weights: the trained model is a new copy (a distillation student)."""
+    as the README's arithmetic table assumes. new_weights: the trained model is a new copy (a distillation student).
+    fsdp > 1: one of `fsdp` processes of FSDP2 full shard as configs/accelerate/fsdp.yaml runs it (fsdp_terms)."""
+    if fsdp > 1:
+        return fsdp_terms(shape, batch, seq, fsdp, checkpointing)
     P = shape.params
     a = 2 if autocast else w
     terms = {}
@@ -458,63 +462,59 @@ def training_terms(shape: ModelShape, w: int, batch: int, seq: int, autocast: bo
     return terms
 
 
-def eval_terms(state: ModelState, cfg, kind: str = "cpu", reference: ModelState | None = None) -> dict:
-    """Growth terms of evaluating a model in `state` under `cfg` (an evaluate.EvalConfig), as compress/evaluate.py
-    runs it: perplexity windows of seq_len in batches of batch_size with use_cache=False, NLL
-    from logits[:, :-1].float() (a copy: bf16 upcast, or the non-contiguous slice when batch > 1) and its
-    log-softmax; decode speed: one greedy generate at batch 1 (KV cache of prompt + decode_tokens). On a CPU a
-    float16 model (plain or GPTQ) is computed in float32 (evaluate.upcast_float16_on_cpu): a float32 copy of
-    its floating tensors, float32 activations. Agreement (bare encoders, or `agreement:` sources): batches of
-    evaluate.AGREEMENT_BATCH sentences with every layer's hidden states; `reference` is the base model an
-    encoder other than the base is compared with (loaded for the evaluation)."""
-    from compress.evaluate import AGREEMENT_BATCH
+def fsdp_unit_params(shape: ModelShape) -> int:
+    """Parameters of the largest unit FSDP gathers at once: a decoder layer, or the embedding / LM head unit
+    (accelerate wraps each decoder layer, the input embedding, and [final norm, LM head], tied ones together)."""
+    return max(shape.layer_params, shape.vocab * shape.hidden + shape.hidden)
 
-    shape, a = state.shape, state.act_bytes
-    seq, batch, max_tokens = cfg.seq_len, cfg.batch_size, cfg.max_tokens
-    if max_tokens and not cfg.stride:
-        batch = max(1, min(batch, int(max_tokens) // seq))  # at most max_tokens // seq_len windows per source
-    n = batch * seq * shape.vocab
-    upcast = {}
-    if kind == "cpu" and state.dtype == "float16" and state.format in ("plain", "gptq"):
-        upcast["float32 copy (float16 computed in float32 on CPU)"] = state.float_numel() * 4
-        a = 4
-    specs = cfg.perplexity or []
-    agree = cfg.agreement or ([] if shape.logits else specs)  # bare encoders: agreement by default
-    ppl_specs = specs if shape.logits else []
-    terms = {**upcast}
-    # the two kinds of forwards run one after the other: the larger working set is the peak
-    phases = {}
-    if ppl_specs:  # perplexity windows
-        phases["perplexity"] = (batch, {
-            "logits": n * a,
-            "fp32 logits (upcast or shifted copy)": n * 4 if (a < 4 or batch > 1) else 0,
-            "log-softmax": n * 4,
-            "layer transient": inference_layer_bytes(shape, a, batch, seq),
-        })
-    if agree:  # agreement: AGREEMENT_BATCH sentences of <= seq_len tokens, output_hidden_states, fp32 mean pool
-        B = AGREEMENT_BATCH
-        phases["agreement"] = (B, {
-            "hidden states of every layer": (shape.layers + 1) * B * seq * shape.hidden * a,
-            "fp32 last hidden state and masked copy": 2 * B * seq * shape.hidden * 4,
-            "logits": B * seq * shape.vocab * a if shape.logits else 0,
-            "layer transient": inference_layer_bytes(shape, a, B, seq),
-        })
-        if reference is not None:  # the base model, compared against, is read in during the evaluation
-            phases["agreement"][1]["reference (base) model weights"] = reference.weights_bytes()
-    rows = 0
-    if phases:
-        rows, peak = max(phases.values(), key=lambda p: sum(p[1].values()))
-        terms.update(peak)
-    if cfg.speed and cfg.decode_tokens and shape.logits:
-        terms["decode kv cache"] = kv_cache_bytes(shape, a, 1, 64 + cfg.decode_tokens)
-    if state.format == "gptq":  # QuantLinear caches each dequantized weight in the activation dtype
-        terms["dequantized weight cache"] = state.shape.layers * sum(i * o for _, i, o in state.quantized_linears()) * a
-    elif state.format == "bnb-int8" and rows:  # LLM.int8 matmul of the largest linear: fp16 x, int8 x, int32 out
-        i, o = max(((i, o) for _, i, o in state.quantized_linears()), key=lambda t: t[0] * t[1], default=(0, 0))
-        terms["int8 matmul buffers"] = rows * seq * (3 * i + 4 * o)
-    if specs or agree:  # one source at a time: the largest test split
-        terms["eval text"] = max(data_bytes(shape, [(sp, "test")]) for sp in [*specs, *agree])
-    return {k: v for k, v in terms.items() if v}
+
+def fsdp_terms(shape: ModelShape, batch: int, seq: int, processes: int, checkpointing: bool = False) -> dict:
+    """One process's training terms under FSDP2 full shard over `processes`, as compress/train.py runs
+    configs/accelerate/fsdp.yaml (mixed_precision bf16): accelerate upcasts the trained parameters to fp32, so each
+    process holds 1/N of fp32 weights, fp32 gradients and fp32 AdamW m, v (16 bytes/param / N); FSDP computes with
+    bf16 copies of the gathered units: at the backward peak the largest unit (the LM head, kept gathered from the
+    end of forward) and its unsharded bf16 gradient before the reduce-scatter, plus the next decoder layer
+    prefetched. Activations and logits are per process, in bf16, as without FSDP. The input model's own tensors
+    are not resident: see training_parts."""
+    P, n = shape.params, processes
+    terms = {
+        "fp32 weight shards": -(-4 * P // n),
+        "fp32 gradient shards": -(-4 * P // n),
+        "AdamW states (m, v; fp32 shards)": -(-8 * P // n),
+        "gathered units (bf16: largest + its gradient, next layer)": 2 * (2 * fsdp_unit_params(shape)
+                                                                          + shape.layer_params),
+        "activations": training_activation_bytes(shape, 2, batch, seq, checkpointing),
+    }
+    if shape.logits:
+        terms["logits + loss"] = train_logits_bytes(shape, 2, batch, seq)
+    return terms
+
+
+def training_parts(terms: dict, state: ModelState, where: "Where", out: ModelState,
+                   trained: ModelShape | None = None, trains_input: bool = True) -> "Parts":
+    """A training stage's Parts from its `terms`: the input model resident, plus the terms. Under FSDP
+    (where.fsdp > 1) a trained input (`trains_input`) is replaced by its shards (in the terms), and every process
+    first holds the trained model (`trained`, default the input's shape) whole: accelerate upcasts it to fp32 and
+    then shards it, so the peak is the larger of that sharding phase and training."""
+    if where.fsdp <= 1:
+        return Parts(terms, state.weights_bytes(), out)
+    shape = trained or state.shape
+    resident = 0 if trains_input else state.weights_bytes()
+    sharding = {"trained model whole in fp32 (accelerate upcasts, then shards)": 4 * shape.params,
+                "fp32 weight shards": -(-4 * shape.params // where.fsdp)}
+    phases = {"sharded training": terms, "sharding": sharding}
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    other = next(k for k in phases if k != peak)
+    notes = [f"FSDP over {where.fsdp} processes, per process; peak in the {peak} phase, {other} phase "
+             f"{fmt_bytes(sum(phases[other].values()))}; the main process also saves and evaluates the whole model"]
+    return Parts({k: v for k, v in phases[peak].items() if v}, resident, out, notes)
+
+
+def block_bytes(state: ModelState) -> int:
+    """Bytes of one decoder block in `state` (what onloading holds of a model at a time)."""
+    s = state.shape
+    outer = s.vocab * s.hidden * state.act_bytes * (1 if s.tied else 2)
+    return max(0, state.weights_bytes() - outer) // max(s.layers, 1)
 
 
 @lru_cache(maxsize=32)
@@ -559,6 +559,8 @@ class Where:
     input: ModelState | None = None
     data: dict = field(default_factory=dict)     # the pipeline's data block (calibration, train)
     loaded: set = field(default_factory=set)     # libraries already imported by an earlier stage of this process
+    fsdp: int = 1                     # processes a training stage is sharded over (accelerate FSDP); 1: none
+    onload: bool = False              # the input stays on the host, one block at a time on the device (compress/onload.py)
 
 
 @dataclass

@@ -294,3 +294,44 @@ def trace_block(
 def sequential_groups(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict) -> list[list[str]]:
     """GPTQ's true-sequential order for this kind of block (see trace_block). Llama: [[q,k,v],[o],[gate,up],[down]]."""
     return trace_block(block, hidden, rest, kwargs)[0]
+
+
+class _Recorder(nn.Module):
+    """Stands in for one block while the model's forward runs: records the arguments the model passes it (they
+    differ by layer where layer types differ: sliding or full attention masks, local or global rotary tables)
+    and hands the hidden states on unchanged, in the block's own output structure."""
+
+    def __init__(self, arity: int | None):
+        super().__init__()
+        self.arity, self.seen = arity, []
+
+    def forward(self, hidden, *args, **kwargs):
+        self.seen.append((hidden, args, kwargs))
+        return hidden if self.arity is None else (hidden, *([None] * (self.arity - 1)))
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> list[dict]:
+    """For each batch of token ids: {"hidden": block 0's input, "args": [per block (extra args, kwargs)]}.
+
+    capture_layer_inputs records block 0's inputs only; a model whose layers have types (Gemma 2/3, Qwen with
+    sliding windows) passes each block its own mask and rotary table, so walking blocks needs every block's.
+    The model's forward runs with every block replaced by a _Recorder (no block computes), then the blocks are put
+    back."""
+    layers_name, layers = decoder_layers_with_name(model)
+    h, rest, kw = capture_layer_inputs(model, batches[:1], device)[0]
+    first = layers[0]
+    home = next(first.parameters()).device
+    out = first.to(device)(h, *rest, **kw)  # the output structure the model expects back from a block
+    first.to(home)
+    arity = len(out) if isinstance(out, (tuple, list)) else None
+    recorders = nn.ModuleList([_Recorder(arity) for _ in layers])
+    set_submodule(model, layers_name, recorders)
+    try:
+        with no_kv_cache(model), outside_on(model, layers_name, device):
+            for ids in batches:
+                model(input_ids=ids.to(device))
+    finally:
+        set_submodule(model, layers_name, layers)
+    return [{"hidden": recorders[0].seen[b][0], "args": [(r.seen[b][1], r.seen[b][2]) for r in recorders]}
+            for b in range(len(batches))]

@@ -30,7 +30,7 @@ import yaml
 from compress import checkpoint, manifest, measure, memory, planner, sources
 from compress.config import Pipeline, StageSpec
 from compress.context import Context
-from compress.distributed import Ranks
+from compress.distributed import Ranks, fsdp_processes
 from compress.errors import CompressError
 from compress.manifest import Manifest
 
@@ -51,6 +51,7 @@ class _Built:
     predicted: int | None            # the planner's growth for this step, from the loaded input
     measured: measure.PeakMemory
     seconds: float
+    onload: bool = False             # the input stayed on the host, one block at a time on the device
 
 
 def pick_device(setting: str) -> torch.device:
@@ -61,10 +62,10 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def source_of(pipe: Pipeline) -> sources.Source:
-    """The pipeline's model, resolved (and checked) once."""
+def source_of(pipe: Pipeline, weights: bool = True) -> sources.Source:
+    """The pipeline's model, resolved (and checked) once; weights=False: its config is enough (planning)."""
     return sources.resolve(pipe.model, seed=pipe.seed, allow_pickle=pipe.allow_pickle,
-                           trust_remote_code=pipe.trust_remote_code)
+                           trust_remote_code=pipe.trust_remote_code, weights=weights)
 
 
 def stage_position(pipe: Pipeline, name: str | None) -> int:
@@ -117,14 +118,17 @@ def run(
     ranks = Ranks(out, pick_device(pipe.device))
     if ranks.device.type == "cpu":
         measure.fixed_mmap_threshold()  # RSS then follows live tensors: peaks mean what the planner means
-    if ranks.main:
-        if not force:  # before anything is written: a refused run leaves nothing behind
-            planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device))
+    onload: dict[int, bool] = {}
+    if ranks.main:  # before anything is written: a refused run leaves nothing behind
+        plans = planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device), force=force,
+                                          fsdp=fsdp_processes())
+        onload = {p.index: p.onload for p in plans}
         _check_writable(out)
         _clean_partials(out)
         manifest.write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(pipe.resolved(), sort_keys=False))
     ranks.begin()
-    runner = _Runner(pipe, source, out, force, log if ranks.main else (lambda m: None), quiet or not ranks.main, ranks)
+    runner = _Runner(pipe, source, out, force, log if ranks.main else (lambda m: None), quiet or not ranks.main, ranks,
+                     onload)
     results = []
     for res in runner.all(stop):
         results.append(res)
@@ -139,9 +143,11 @@ def run(
 
 
 class _Runner:
-    def __init__(self, pipe: Pipeline, source: sources.Source, out: Path, force: bool, log, quiet: bool, ranks: Ranks):
+    def __init__(self, pipe: Pipeline, source: sources.Source, out: Path, force: bool, log, quiet: bool, ranks: Ranks,
+                 onload: dict[int, bool] | None = None):
         self.pipe, self.source, self.out, self.force, self.log, self.quiet = pipe, source, out, force, log, quiet
         self.ranks, self.device = ranks, ranks.device
+        self.onload = onload or {}           # step index -> run with the model on the host, a block at a time
         self.folders: dict[str, Path] = {}   # stage name -> finished folder (the input's, for a stage with no weights)
         self.hashes: dict[str, str] = {}     # stage name -> output hash
         self.eval_hash = eval_hash(pipe)
@@ -184,7 +190,10 @@ class _Runner:
         old = manifest.read(folder)
         if old and not self.force and old["input"]["hash"] == self.source.hash:
             self.hashes["base"] = old["output_hash"]
+            self.folders["base"] = Path(old.get("checkpoint") or folder)
             return self._maybe_reeval(folder, old)
+        if self.onload.get(0) and not self.source.tiny and any(self.source.path.glob("*.safetensors")):
+            return self._base_in_place(folder, identity)
         self.log(f"[00-base] loading {self.pipe.model}")
         predicted = planner.predict_stage(None, None, planner.initial_state(self.source.config)).growth_bytes
         t0 = manifest.now()
@@ -194,6 +203,29 @@ class _Runner:
         built = _Built(model, tok, {}, predicted, pm, manifest.now() - t0)
         del model
         return self._finish(folder, built, identity)
+
+    def _base_in_place(self, folder: Path, identity: dict) -> StageResult:
+        """A base model bigger than the device is measured where it is (memory-mapped, evaluated a block at a time)
+        and not copied: its manifest names the source folder, whose files are the checkpoint."""
+        self.log(f"[00-base] {self.pipe.model}: evaluated in place, one block at a time (offload)")
+        state = planner.initial_state(self.source.config)
+        predicted = planner.predict_stage(None, None, state, onload=True).growth_bytes
+        t0 = manifest.now()
+        with measure.PeakMemory(self.device, resident=False) as pm:
+            model, tok = self.source.load("cpu")
+        built = _Built(model, tok, {"copied": False}, predicted, pm, manifest.now() - t0, onload=True)
+        disk = manifest.disk_bytes(self.source.path)
+        m = Manifest(
+            **identity, folder=folder.name, checkpoint=str(self.source.path), output_hash=self.source.hash,
+            format=checkpoint.format_of(self.source.config), eval_hash=self.eval_hash,
+            size={"disk_bytes": disk, "params": state.shape.params,
+                  "bits_per_weight": round(8 * disk / state.shape.params, 3)},
+            memory=self._memory(built, state.weights_bytes()), stats=built.stats, seconds=round(built.seconds, 3),
+            env=manifest.env(self.device),
+        )
+        m.accuracy, m.speed = self._evaluate(folder, model, tok, m.memory, is_base=True, onload=True)
+        self.folders["base"] = self.source.path
+        return self._write(self._tmp(folder), folder, m)
 
     def stage(self, spec: StageSpec) -> StageResult:
         folder = self.out / spec.folder
@@ -208,10 +240,11 @@ class _Runner:
             return self._maybe_reeval(folder, old) if writes else StageResult(spec.folder, "skipped", old)
         self.ranks.started(spec.index, runs=True)
         self.log(f"[{spec.folder}] {spec.type} from {spec.source}")
-        built = self._build(spec)
+        tmp = None if writes else self._tmp(folder)  # a stage with no checkpoint may write files of its own there
+        built = self._build(spec, tmp)
         identity = dict(index=spec.index, stage=spec.type, name=spec.name, config=dataclasses.asdict(spec.config),
                         config_hash=cfg_hash, input={"from": spec.source, "path": str(in_folder), "hash": in_hash})
-        res = self._finish(folder, built, identity) if writes else self._record_only(folder, built, identity)
+        res = self._finish(folder, built, identity) if writes else self._record_only(folder, tmp, built, identity)
         shutil.rmtree(self._work_dir(spec), ignore_errors=True)
         return res
 
@@ -219,10 +252,11 @@ class _Runner:
         """Scratch folder of a stage (mid-stage checkpoints), named by its config and input: a resume finds it."""
         return self.out / f".work-{spec.folder}-{stage_hash(self.pipe, spec)[:8]}-{self.hashes[spec.source][:8]}"
 
-    def _build(self, spec: StageSpec) -> _Built:
+    def _build(self, spec: StageSpec, out_dir: Path | None = None) -> _Built:
         """Load the stage's input, run the stage and measure it."""
         torch.manual_seed(self.pipe.seed)
-        model, tok = checkpoint.load(self.folders[spec.source], device=self.device,
+        onload = self.onload.get(spec.index, False)
+        model, tok = checkpoint.load(self.folders[spec.source], device="cpu" if onload else self.device,
                                      trust_remote_code=self.pipe.trust_remote_code)
         work = self._work_dir(spec)
         if self.ranks.main:
@@ -233,13 +267,14 @@ class _Runner:
         ctx = Context(
             device=self.device, seed=self.pipe.seed, data=self.pipe.data, work_dir=work,
             base_path=self.folders["base"], stage_paths={k: v for k, v in self.folders.items() if k != spec.name},
-            trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet,
+            trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet, out_dir=out_dir,
+            eval=self.pipe.eval, onload=onload,
         )
-        predicted = planner.predict_for_run(self.pipe, spec, model)
+        predicted = planner.predict_for_run(self.pipe, spec, model, fsdp_processes())
         t0 = manifest.now()
-        with measure.PeakMemory(self.device, model) as pm:
+        with measure.PeakMemory(self.device, model, resident=not onload) as pm:
             model, stats = spec.module.run(model, tok, spec.config, ctx)
-        return _Built(model, tok, stats, predicted, pm, manifest.now() - t0)
+        return _Built(model, tok, stats, predicted, pm, manifest.now() - t0, onload)
 
     # -- what every step ends with
 
@@ -254,7 +289,7 @@ class _Runner:
         tmp = self._tmp(folder)
         checkpoint.save(built.model, built.tokenizer, tmp)
         self.log(f"[{folder.name}] saved; checking the reload")
-        rt, reloaded = checkpoint.round_trip(built.model, tmp, self.device, self.pipe.trust_remote_code)
+        rt, reloaded = checkpoint.round_trip(built.model, tmp, self.device, self.pipe.trust_remote_code, built.onload)
         size = manifest.size_of(built.model, tmp)
         mem = self._memory(built, manifest.weights_bytes(built.model))
         built.model = None  # the reloaded copy is what gets evaluated (and what a user loads)
@@ -263,23 +298,32 @@ class _Runner:
             format=rt.pop("format"), size=size, memory=mem, round_trip=rt, stats=built.stats,
             seconds=round(built.seconds, 3), env=manifest.env(self.device),
         )
-        m.accuracy, m.speed = self._evaluate(tmp, reloaded, built.tokenizer, m.memory, is_base=m.index == 0)
+        m.accuracy, m.speed = self._evaluate(tmp, reloaded, built.tokenizer, m.memory, is_base=m.index == 0,
+                                             onload=built.onload)
         del reloaded
         return self._write(tmp, folder, m)
 
-    def _record_only(self, folder: Path, built: _Built, identity: dict) -> StageResult:
-        """Manifest of a stage that writes no weights (eval): it describes the input checkpoint."""
+    def _record_only(self, folder: Path, tmp: Path, built: _Built, identity: dict) -> StageResult:
+        """Manifest of a stage that writes no checkpoint: it describes the input checkpoint (eval), or the files the
+        stage wrote into its folder (export: their format and size, what the runtime measured)."""
         src = manifest.read(Path(identity["input"]["path"])) or {}
         mem = self._memory(built, (src.get("memory") or {}).get("weights_bytes"))
         mem["eval_measured_peak_bytes"] = mem["measured_peak_bytes"]
-        result = built.stats
+        stats = dict(built.stats)
+        accuracy, speed = stats.pop("accuracy", {}), stats.pop("speed", {})
+        size = src.get("size")
+        if "size" in stats:  # files of its own: their bytes over the input's parameters
+            size = {**(size or {}), **stats.pop("size")}
+            params = size.get("params")
+            size["bits_per_weight"] = round(8 * size["disk_bytes"] / params, 3) if params else None
+        written = any(tmp.iterdir())
         m = Manifest(
             **identity, folder=folder.name, checkpoint=identity["input"]["path"],
-            output_hash=identity["input"]["hash"], format=src.get("format"), size=src.get("size"), memory=mem,
-            stats={}, seconds=round(built.seconds, 3), env=manifest.env(self.device),
-            accuracy=result.get("accuracy", {}), speed=result.get("speed", {}),
+            output_hash=checkpoint.content_hash(tmp) if written else identity["input"]["hash"],
+            format=stats.pop("format", src.get("format")), size=size, memory=mem, stats=stats,
+            seconds=round(built.seconds, 3), env=manifest.env(self.device), accuracy=accuracy, speed=speed,
         )
-        return self._write(self._tmp(folder), folder, m)
+        return self._write(tmp, folder, m)
 
     def _write(self, tmp: Path, folder: Path, m: Manifest) -> StageResult:
         manifest.write(tmp, m)
@@ -287,29 +331,34 @@ class _Runner:
         self.hashes[m.name] = m.output_hash
         return StageResult(folder.name, "done", m.to_dict())
 
-    def _evaluate(self, folder: Path, model, tok, mem: dict, is_base: bool) -> tuple[dict, dict]:
+    def _evaluate(self, folder: Path, model, tok, mem: dict, is_base: bool, onload: bool = False) -> tuple[dict, dict]:
         """(accuracy, speed) of the checkpoint as saved (`model` was reloaded from `folder`) under the pipeline's
         eval protocol; its predicted and measured peaks go into `mem`. Bare encoders are scored by agreement with
-        the base model, so that one is loaded too."""
+        the base model, causal LMs by KL and top-1 against it, so that one is loaded too. onload: both stay on the
+        host and run one block at a time."""
         if self.pipe.eval is None:
             return {}, {}
         from compress import evaluate
 
         self.log(f"[{folder.name.removeprefix('.tmp-')}] evaluating")
         base = None
-        if evaluate.model_kind(model) == "bare":
-            base = model if is_base else checkpoint.load(self.folders["base"], device=self.device)[0]
-        mem["eval_predicted_peak_bytes"] = planner.predict_eval_for_run(self.pipe.eval, model, base)
-        with measure.PeakMemory(self.device, model) as pm:
-            result = evaluate.run(model, tok, self.pipe.eval, device=self.device, base_model=base)
+        if evaluate.needs_base(model, self.pipe.eval):  # agreement of encoders; KL and top-1 of LMs
+            base = model if is_base else checkpoint.load(self.folders["base"],
+                                                         device="cpu" if onload else self.device)[0]
+        mem["eval_predicted_peak_bytes"] = planner.predict_eval_for_run(self.pipe.eval, model, base, onload)
+        with measure.PeakMemory(self.device, model, resident=not onload) as pm:
+            result = evaluate.run(model, tok, self.pipe.eval, device=self.device, base_model=base, onload=onload)
         mem["eval_measured_peak_bytes"] = pm.measured_bytes
         return result.get("accuracy", {}), result.get("speed", {})
 
     def _maybe_reeval(self, folder: Path, old: dict) -> StageResult:
         if old.get("eval_hash") == self.eval_hash:
             return StageResult(folder.name, "skipped", old)
-        model, tok = checkpoint.load(folder, device=self.device, trust_remote_code=self.pipe.trust_remote_code)
-        old["accuracy"], old["speed"] = self._evaluate(folder, model, tok, old["memory"], is_base=old["index"] == 0)
+        onload = self.onload.get(old["index"], False)
+        model, tok = checkpoint.load(Path(old.get("checkpoint") or folder), device="cpu" if onload else self.device,
+                                     trust_remote_code=self.pipe.trust_remote_code)
+        old["accuracy"], old["speed"] = self._evaluate(folder, model, tok, old["memory"], is_base=old["index"] == 0,
+                                                       onload=onload)
         old["eval_hash"] = self.eval_hash
         manifest.write(folder, old)
         return StageResult(folder.name, "re-evaluated", old)

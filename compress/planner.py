@@ -9,7 +9,7 @@ its `memory_advice(cfg, state, kind, fits) -> [memory.Tip]` (optional). The mode
 format) flows from stage to stage through the Parts each returns. Adding a stage needs nothing here.
 
 The base model (index 0) is "loading the weights"; every plan also predicts evaluating the stage's output under
-the pipeline's `eval:` block (memory.eval_terms). See compress/memory.py for the terms and what is measured.
+the pipeline's `eval:` block (evaluate.predict_memory). See compress/memory.py for the terms and what is measured.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from compress import memory
+from compress import evaluate, memory
 from compress.errors import CompressError
 from compress.memory import ModelState, fmt_bytes
 
@@ -39,6 +39,7 @@ class StagePlan:
     output_weights_bytes: int = 0 # the stage's output model
     eval_growth_bytes: int | None = None   # evaluating the output (pipeline eval block), over its weights
     eval_peak_bytes: int | None = None
+    onload: bool = False          # planned with the input on the host, one block at a time on the device
     output_state: ModelState | None = field(default=None, repr=False, compare=False)  # flows into the next stage
     loads: tuple = field(default=(), repr=False, compare=False)  # libraries the stage imports (memory.Parts.loads)
 
@@ -68,40 +69,52 @@ def initial_state(model_config: Any) -> ModelState:
 
 
 def _parts(module, cfg, state: ModelState, where: memory.Where) -> memory.Parts:
-    if module is None:  # the base model: loading its weights
+    if module is None:  # the base model: loading its weights (onloaded: memory-mapped, read a block at a time)
+        if where.onload:
+            return memory.Parts({"one block's weights paged in": memory.block_bytes(state)}, 0, state)
         return memory.Parts({"load weights": state.weights_bytes()}, 0, state)
     return module.predict_memory(cfg, state, where)
 
 
+def onloads(module) -> bool:
+    """Whether a step can run with its input on the host, one block at a time on the device: the base model's
+    loading and evaluation, and stages whose module says ONLOAD = True."""
+    return module is None or getattr(module, "ONLOAD", False)
+
+
 def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, index: int = 0, device: Any = None,
                   states: dict | None = None, eval_cfg=None, data: dict | None = None,
-                  loaded: set | None = None) -> StagePlan:
+                  loaded: set | None = None, fsdp: int = 1, onload: bool = False) -> StagePlan:
     """Predict one stage's memory: `module` is the stage module (None: loading the base model), `cfg` its Config,
     `state` its input model; `states` maps earlier stage names (and 'base') to states (a distill teacher);
     `eval_cfg` (the pipeline's EvalConfig) adds the evaluation of the output; `data` (the pipeline's data block)
     the text the stage loads; `loaded`: libraries an earlier stage already imported; `device`: see
-    memory.resolve_device (None: no fit check)."""
+    memory.resolve_device (None: no fit check); `fsdp`: processes a training stage is sharded over (its plan is
+    then per process); `onload`: the input on the host, one block at a time on the device (see `onloads`)."""
     dev = memory.resolve_device(device)
     kind = dev.kind if dev else "cpu"
     states = dict(states or {})
-    where = memory.Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()))
+    where = memory.Where(kind, dev.bytes if dev else None, states, state, dict(data or {}), set(loaded or ()), fsdp,
+                         onload)
     parts = _parts(module, cfg, state, where)
     growth = int(sum(parts.terms.values()))
     stage = "base" if module is None else module.NAME
     W = state.weights_bytes() if module is not None else 0
     fixed = overhead(kind)
     allocated = parts.on_device_input + growth
-    breakdown = {"input weights": W, **parts.terms, "process overhead" if kind == "cpu" else "CUDA context": fixed}
+    breakdown = {"input weights": parts.on_device_input,  # resident: W, or none under FSDP (its shards are terms)
+                 **parts.terms, "process overhead" if kind == "cpu" else "CUDA context": fixed}
     for note in parts.notes:
         breakdown.setdefault("notes", []).append(note)
     plan = StagePlan(stage=stage, name=name or stage, weights_bytes=W, peak_bytes=allocated + fixed,
                      growth_bytes=growth, breakdown=breakdown, index=index, device_kind=kind,
                      allocated_bytes=allocated, output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out,
-                     loads=tuple(parts.loads))
-    if eval_cfg is not None and stage != "eval":
-        ref = states.get("base") if module is not None and not parts.out.shape.logits else None
-        plan.eval_growth_bytes = int(sum(memory.eval_terms(parts.out, eval_cfg, kind, ref).values()))
-        plan.eval_peak_bytes = plan.output_weights_bytes + plan.eval_growth_bytes + fixed
+                     loads=tuple(parts.loads), onload=onload)
+    if eval_cfg is not None and getattr(module, "WRITES_CHECKPOINT", True):  # what the pipeline then evaluates
+        ref = states.get("base") if module is not None else None  # compared with the base (agreement, KL)
+        plan.eval_growth_bytes = int(sum(evaluate.predict_memory(parts.out, eval_cfg, kind, ref, onload).values()))
+        # onloaded, the output is evaluated a block at a time too: nothing of it resident but that block
+        plan.eval_peak_bytes = plan.eval_growth_bytes + fixed + (0 if onload else plan.output_weights_bytes)
     if dev is not None:
         plan.fits = max(plan.peak_bytes, plan.eval_peak_bytes or 0) <= dev.bytes
         if not plan.fits:
@@ -117,7 +130,7 @@ def _advice(module, cfg, state: ModelState, dev: memory.Device, plan: StagePlan,
 
     def peak(changes: dict) -> int:
         return predict_stage(module, dataclasses.replace(cfg, **changes), state, device=dev, states=states,
-                             data=where.data, loaded=where.loaded).peak_bytes
+                             data=where.data, loaded=where.loaded, fsdp=where.fsdp).peak_bytes
 
     if module is not None and plan.peak_bytes > dev.bytes:
         advise = getattr(module, "memory_advice", None)  # optional: a stage without it gets the generic advice only
@@ -129,30 +142,42 @@ def _advice(module, cfg, state: ModelState, dev: memory.Device, plan: StagePlan,
             tips.append(f"add a `cast: {{dtype: bfloat16}}` stage before it: halves the weights "
                         f"({fmt_bytes(state.weights_bytes() // 2)} saved, more in activations)")
     if eval_cfg is not None and (plan.eval_peak_bytes or 0) > dev.bytes:
-        now = sum(memory.eval_terms(plan.output_state, eval_cfg, dev.kind).values())
+        now = sum(evaluate.predict_memory(plan.output_state, eval_cfg, dev.kind).values())
         for key, value in (("batch_size", eval_cfg.batch_size // 2), ("seq_len", eval_cfg.seq_len // 2)):
             if value >= (1 if key == "batch_size" else 64):
-                less = sum(memory.eval_terms(plan.output_state, dataclasses.replace(eval_cfg, **{key: value}),
+                less = sum(evaluate.predict_memory(plan.output_state, dataclasses.replace(eval_cfg, **{key: value}),
                                              dev.kind).values())
                 tips.append(f"eval {key}: {value}: saves {fmt_bytes(now - less)} in evaluation")
     return tips
 
 
-def plan(pipe, model_config: Any, device: Any = None) -> list[StagePlan]:
+def plan(pipe, model_config: Any, device: Any = None, fsdp: int = 1, offload: str | None = None) -> list[StagePlan]:
     """One StagePlan per stage, base first (index 0: loading and evaluating the input model).
 
     pipe: a compress.config.Pipeline (its stages, eval and data); model_config: see memory.describe;
     device: see memory.resolve_device (a name in memory.DEVICES, 'cpu', '24GB', a byte count, a Device, or None
-    for no fit check)."""
+    for no fit check); fsdp: the training stages' processes under FSDP (configs/accelerate/fsdp.yaml), 1 = none;
+    offload (default: the pipeline's): auto onloads a step that can (`onloads`) when its whole-model plan does not
+    fit the device, always onloads every step that can, never none."""
+    offload = offload or getattr(pipe, "offload", "auto")
     state = initial_state(model_config)
     states = {"base": state}
     data = pipe.data or {}
-    plans = [predict_stage(None, None, state, name="base", index=0, device=device, eval_cfg=pipe.eval)]
+
+    def step(module, cfg, inp, **kw):
+        whole = None
+        if offload != "always" or not onloads(module):
+            whole = predict_stage(module, cfg, inp, device=device, onload=False, **kw)
+            if offload == "never" or whole.fits is not False or not onloads(module):
+                return whole
+        return predict_stage(module, cfg, inp, device=device, onload=True, **kw)
+
+    plans = [step(None, None, state, name="base", index=0, eval_cfg=pipe.eval)]
     loaded: set = set()  # libraries the stages before import into the one process (`compress run`)
     for spec in pipe.stages:
         inp = states[spec.source]
-        p = predict_stage(spec.module, spec.config, inp, name=spec.name, index=spec.index, device=device,
-                          states=states, eval_cfg=pipe.eval, data=data, loaded=loaded)
+        p = step(spec.module, spec.config, inp, name=spec.name, index=spec.index, states=states,
+                 eval_cfg=pipe.eval, data=data, loaded=loaded, fsdp=fsdp)
         plans.append(p)
         loaded |= set(p.loads)
         states[spec.name] = states[str(spec.index)] = p.output_state
@@ -162,12 +187,14 @@ def plan(pipe, model_config: Any, device: Any = None) -> list[StagePlan]:
 def format_table(plans: list[StagePlan], device: Any = None) -> str:
     """A fixed-width table for `compress plan`: one row per stage, then the advice of stages that do not fit."""
     dev = memory.resolve_device(device)
-    head = ["#", "stage", "name", "weights in", "growth", "peak", "eval peak", "weights out", "fits"]
+    head = ["#", "stage", "name", "weights in", "growth", "peak", "eval peak", "weights out", "fits", "spare"]
     rows = []
     for p in plans:
-        fits = "-" if p.fits is None else ("yes" if p.fits else "NO")
+        fits = "-" if p.fits is None else ("yes" if p.fits else "NO") + (", onloaded" if p.onload else "")
+        spare = fmt_bytes(dev.bytes - max(p.peak_bytes, p.eval_peak_bytes or 0)) if dev else "-"
         rows.append([f"{p.index:02d}", p.stage, p.name, fmt_bytes(p.weights_bytes), fmt_bytes(p.growth_bytes),
-                     fmt_bytes(p.peak_bytes), fmt_bytes(p.eval_peak_bytes), fmt_bytes(p.output_weights_bytes), fits])
+                     fmt_bytes(p.peak_bytes), fmt_bytes(p.eval_peak_bytes), fmt_bytes(p.output_weights_bytes), fits,
+                     spare])
     widths = [max(len(str(r[c])) for r in [head, *rows]) for c in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if c >= 3 else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
     out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
@@ -175,7 +202,9 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
     out.append("")
     out.append(f"peak = input weights + growth + {'CUDA context' if kind == 'cuda' else 'torch process'} "
                f"({fmt_bytes(overhead(kind))}); growth = extra over the resident input model"
-               + (f"; device {dev.name}: {fmt_bytes(dev.bytes)}" if dev else ""))
+               + (f"; device {dev.name}: {fmt_bytes(dev.bytes)}" if dev else "")
+               + ("; onloaded: the input stays on the host, one block at a time on the device (offload: never turns "
+                  "it off)" if any(p.onload for p in plans) else ""))
     for p in plans:
         if p.advice:
             out.append(f"{p.index:02d}-{p.name} does not fit:")
@@ -183,10 +212,13 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
     return "\n".join(out)
 
 
-def refuse_if_too_big(pipe, model_config: Any, device: memory.Device) -> list[StagePlan]:
-    """The plans on `device`; a stage predicted not to fit is refused before any work, in one line."""
-    plans = plan(pipe, model_config, device)
-    for p in plans:
+def refuse_if_too_big(pipe, model_config: Any, device: memory.Device, force: bool = False,
+                      fsdp: int = 1) -> list[StagePlan]:
+    """The plans on `device`, made before any work: a stage that cannot take its input (an unsupported family, a
+    quantized input where it needs floats) is refused in one line by its memory model; one predicted not to fit is
+    refused too, unless `force`."""
+    plans = plan(pipe, model_config, device, fsdp)
+    for p in plans if not force else []:
         if p.fits is False:
             raise CompressError(
                 f"stage {p.index:02d}-{p.name} ({p.stage}) is predicted not to fit: " + "; ".join(p.advice)
@@ -199,7 +231,7 @@ def refuse_if_too_big(pipe, model_config: Any, device: memory.Device) -> list[St
 # Predictions for a run, from the loaded model (stored in the manifest next to what was measured)
 
 
-def predict_for_run(pipe, spec, model) -> int:
+def predict_for_run(pipe, spec, model, fsdp: int = 1) -> int:
     """Predicted growth of one pipeline stage from its loaded input model (compress.pipeline calls this): the
     manifest's memory.predicted_peak_bytes. A distillation teacher other than the input is taken to be the size
     of the input (its config is not at hand here)."""
@@ -210,12 +242,13 @@ def predict_for_run(pipe, spec, model) -> int:
     loaded = {lib for lib in ("bitsandbytes",) if lib in sys.modules}
     device = memory.machine(next(model.parameters()).device)
     return predict_stage(spec.module, spec.config, state, device=device, states=states, data=pipe.data or {},
-                         loaded=loaded).growth_bytes
+                         loaded=loaded, fsdp=fsdp).growth_bytes
 
 
-def predict_eval_for_run(eval_cfg, model, reference=None) -> int:
+def predict_eval_for_run(eval_cfg, model, reference=None, onload: bool = False) -> int:
     """Predicted growth of evaluating `model` under the pipeline's EvalConfig, against `reference` (the base model
-    a bare encoder is compared with, loaded for it; None: itself): the manifest's memory.eval_predicted_peak_bytes."""
+    a bare encoder is compared with, loaded for it; None: itself; onload: both run a block at a time): the manifest's
+    memory.eval_predicted_peak_bytes."""
     kind = next(model.parameters()).device.type
     ref = None if reference is None or reference is model else memory.state_from_model(reference)
-    return int(sum(memory.eval_terms(memory.state_from_model(model), eval_cfg, kind, ref).values()))
+    return int(sum(evaluate.predict_memory(memory.state_from_model(model), eval_cfg, kind, ref, onload).values()))

@@ -5,11 +5,12 @@
 reads `<run>/NN-name/manifest.json` (manifest.py's schema; a folder without one is an unfinished stage and
 is skipped), and gives per stage: format, parameters, disk size, bits per weight, measured (and predicted)
 peak memory, perplexity per eval set with its change against that run's 00-base, encoder agreement with the
-base (Spearman) per eval set, eval and decode tokens/s, stage seconds. Perplexities are compared only when
+base (Spearman) per eval set, KL divergence to the base and top-1 agreement with it (causal LMs) per eval set,
+eval and decode tokens/s, stage seconds. Perplexities are compared only when
 their eval protocols (dataset fingerprint, split, seq_len, tokens...) are equal, as the manifest records
 them (evaluate.same_protocol: the model's dtype and device may differ); otherwise the change is left blank.
-`pareto_plot` draws disk size (or weights memory) against the first eval set's perplexity, one point per
-stage, a marker per run, and the frontier of stages no other stage beats on both axes.
+`pareto_plot` draws disk size (or weights memory) against the first eval set's perplexity (or KL to the base),
+one point per stage, a marker per run, and the frontier of stages no other stage beats on both axes.
 
 Not supported: lm-eval task scores (listed in JSON only), comparing runs evaluated under different
 protocols (their points are left out of the plot, and say so).
@@ -87,6 +88,8 @@ def collect(run_dirs) -> list[dict]:
                 "perplexity_protocol": {spec: p for spec, (_, p) in ppl.items()},
                 "perplexity_change_pct": change,
                 "agreement": _agreements(m),
+                "kl": _per_source(m, "kl"),
+                "top1": _per_source(m, "top1"),
                 "eval_tokens_per_s": speed.get("eval_tokens_per_s"),
                 "eval_speed_vs_base": _ratio(speed, base, "eval_tokens_per_s"),
                 "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
@@ -117,6 +120,12 @@ def _perplexities(manifest: dict) -> dict:
         elif isinstance(entry, (int, float)):
             out[spec] = (float(entry), None)
     return out
+
+
+def _per_source(manifest: dict, key: str) -> dict:
+    """spec -> a number stored beside a perplexity (kl, top1) in manifest['accuracy']['perplexity']."""
+    ppl = ((manifest.get("accuracy") or {}).get("perplexity")) or {}
+    return {spec: float(e[key]) for spec, e in ppl.items() if isinstance(e, dict) and e.get(key) is not None}
 
 
 def _agreements(manifest: dict) -> dict:
@@ -162,9 +171,10 @@ def _ppl_cell(r: dict, spec: str) -> str:
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, cells) shared by the markdown and HTML renderings."""
     specs, agree = eval_sets(rows), eval_sets(rows, "agreement")
+    kl = [s for s in specs if any(s in (r.get("kl") or {}) for r in rows)]
     head = ["run", "stage", "format", "params", "disk", "bits/weight", "peak memory", "predicted",
-            *[f"ppl {s}" for s in specs], *[f"agreement {s}" for s in agree], "eval tok/s", "decode tok/s",
-            "seconds"]
+            *[f"ppl {s}" for s in specs], *[f"KL / top-1 {s}" for s in kl], *[f"agreement {s}" for s in agree],
+            "eval tok/s", "decode tok/s", "seconds"]
     cells = []
     for r in rows:
         method = {"rss-growth": " (RSS growth)", "cuda-max-allocated": " (CUDA)"}.get(r["memory_method"], "")
@@ -174,10 +184,17 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             fmt_bytes(r["measured_peak_bytes"]) + (method if r["measured_peak_bytes"] is not None else ""),
             fmt_bytes(r["predicted_peak_bytes"]),
             *[_ppl_cell(r, s) for s in specs],
+            *[_kl_cell(r, s) for s in kl],
             *[_num((r.get("agreement") or {}).get(s), "{:.3f}") for s in agree],
             _speed_cell(r), _num(r["decode_tokens_per_s"], "{:,.1f}"), _num(r["seconds"], "{:,.1f}"),
         ])
     return head, cells
+
+
+def _kl_cell(r: dict, spec: str) -> str:
+    """KL(base || stage) per token and the share of tokens whose top prediction agrees with the base's."""
+    kl, top1 = (r.get("kl") or {}).get(spec), (r.get("top1") or {}).get(spec)
+    return "-" if kl is None else f"{kl:.4f} / {100 * top1:.1f}%"
 
 
 def _speed_cell(r: dict) -> str:
@@ -248,9 +265,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def pareto_plot(rows: list[dict], out_png, metric: str = "disk_bytes", eval_set: str | None = None) -> Path:
-    """Scatter of `metric` (disk_bytes or weights_bytes) against perplexity on `eval_set` (default: the first
-    one), one labelled point per stage, a marker per run, the Pareto frontier as a step line."""
+def pareto_plot(rows: list[dict], out_png, metric: str = "disk_bytes", eval_set: str | None = None,
+                y: str = "perplexity") -> Path:
+    """Scatter of `metric` (disk_bytes or weights_bytes) against `y` (perplexity, or kl: KL divergence to the
+    base) on `eval_set` (default: the first one), one labelled point per stage, a marker per run, the Pareto
+    frontier as a step line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,26 +277,30 @@ def pareto_plot(rows: list[dict], out_png, metric: str = "disk_bytes", eval_set:
 
     if metric not in ("disk_bytes", "weights_bytes"):
         raise CompressError(f"pareto metric must be disk_bytes or weights_bytes, not {metric!r}")
+    if y not in ("perplexity", "kl"):
+        raise CompressError(f"pareto y must be perplexity or kl, not {y!r}")
     specs = eval_sets(rows)
     if not specs:
         raise CompressError("no stage has a perplexity: add an `eval: {perplexity: [...]}` block to the pipeline")
     spec = eval_set or specs[0]
     # only points measured under one protocol are comparable: the first row's (normally 00-base's)
     ref = next(r["perplexity_protocol"][spec] for r in rows if spec in r["perplexity"])
-    pts = [r for r in rows if spec in r["perplexity"] and r.get(metric) and same_protocol(r["perplexity_protocol"][spec], ref)]
+    value = (lambda r: r["perplexity"].get(spec)) if y == "perplexity" else (lambda r: (r.get("kl") or {}).get(spec))
+    pts = [r for r in rows if value(r) is not None and r.get(metric)
+           and same_protocol(r["perplexity_protocol"][spec], ref)]
     skipped = sum(1 for r in rows if spec in r["perplexity"] and r not in pts)
     if not pts:
-        raise CompressError(f"no stage has both {metric} and a perplexity on {spec}")
-    xy = [(r[metric] / 2**20, r["perplexity"][spec]) for r in pts]
+        raise CompressError(f"no stage has both {metric} and a {y} on {spec}")
+    xy = [(r[metric] / 2**20, value(r)) for r in pts]
     runs = list(dict.fromkeys(r["run"] for r in pts))
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     for k, run in enumerate(runs):
         sel = [i for i, r in enumerate(pts) if r["run"] == run]
         ax.scatter([xy[i][0] for i in sel], [xy[i][1] for i in sel], marker=MARKERS[k % len(MARKERS)], s=48,
                    label=run, zorder=3)
-    for (x, y), r in zip(xy, pts):
+    for (px, py), r in zip(xy, pts):
         label = r["folder"] if len(runs) == 1 else f"{r['run']}/{r['folder']}"
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(xy)
     fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]
     ax.step(fx, fy, where="post", color="tab:red", linewidth=1.2, alpha=0.8, label="Pareto frontier", zorder=2)
@@ -285,8 +308,8 @@ def pareto_plot(rows: list[dict], out_png, metric: str = "disk_bytes", eval_set:
     if max(xs) / max(min(xs), 1e-9) >= 8:
         ax.set_xscale("log")
     ax.set_xlabel(("disk size" if metric == "disk_bytes" else "weights memory") + " (MiB)")
-    ax.set_ylabel(f"perplexity on {spec} (lower is better)")
-    title = "size vs perplexity"
+    ax.set_ylabel(f"{'perplexity' if y == 'perplexity' else 'KL divergence to the base'} on {spec} (lower is better)")
+    title = f"size vs {'perplexity' if y == 'perplexity' else 'KL to the base'}"
     if skipped:
         title += f" ({skipped} stage(s) under another eval protocol left out)"
     ax.set_title(title, fontsize=10)

@@ -59,8 +59,10 @@ class Source:
                                trust_remote_code=self.trust_remote_code)
 
 
-def resolve(spec: str, *, seed: int = 0, allow_pickle: bool = False, trust_remote_code: bool = False) -> Source:
-    """A Source for `spec`, or one line saying why it cannot be had (before any work starts)."""
+def resolve(spec: str, *, seed: int = 0, allow_pickle: bool = False, trust_remote_code: bool = False,
+            weights: bool = True) -> Source:
+    """A Source for `spec`, or one line saying why it cannot be had (before any work starts). weights=False: a
+    folder holding only config.json is accepted (what planning needs), but such a Source cannot load."""
     if spec.startswith("tiny:"):
         from compress import tiny
 
@@ -70,7 +72,7 @@ def resolve(spec: str, *, seed: int = 0, allow_pickle: bool = False, trust_remot
             raise CompressError(f"model {spec!r}: tiny config {spec[5:]} not found")
         return Source(spec, path, True, tiny.read_config(path), seed=seed)
     folder = folder_of(spec)
-    config = checkpoint.check_folder(folder, allow_pickle)
+    config = checkpoint.check_folder(folder, allow_pickle, weights=weights)
     return Source(spec, folder, False, config, seed=seed, allow_pickle=allow_pickle,
                   trust_remote_code=trust_remote_code)
 

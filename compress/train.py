@@ -9,8 +9,16 @@ work_dir. It runs through `accelerate`, so the same code runs in one process or 
 
 On a machine without CUDA, `--multi_gpu` still starts N torchrun processes, and they form a gloo group
 because compress asks accelerate for cpu=True (tested with 2). `--cpu --num_processes 2` starts ONE process
-in accelerate 1.x unless it is given `--mpirun_hostfile`. FSDP (sharding, its mixed-precision policy) comes
-entirely from the accelerate config file and is not tested here.
+in accelerate 1.x unless it is given `--mpirun_hostfile`.
+
+FSDP: FSDP2 only (`fsdp_version: 2`, configs/accelerate/fsdp.yaml); sharding, wrapping and its mixed-precision
+policy come from the accelerate config. `fit` shards `model` in place (accelerate's fsdp2_prepare_model), builds
+AdamW on the shards, reduce-scatters gradients on every micro-batch (no no_sync: that would hold full-size
+gradients), clips through accelerate (the global norm over DTensor shards), and at the end all-gathers the
+trained weights into the plain model it was given (same modules, hooks and Parameter objects, original dtypes)
+on every process, so the stage and the pipeline continue as after DDP. While it trains, `model` is the sharded
+module: a forward on it is a collective (domain_losses keeps the processes in step). accelerate 1.16 ignores
+FSDP on CPU (it trains with DDP there); compress turns it on (FSDP2 runs on gloo; tested with 2 processes).
 
 Usage (what the stages do):
 
@@ -23,7 +31,7 @@ Usage (what the stages do):
   Under several processes each must yield its own shard: `DomainMixture` does (it draws one global batch and
   keeps rows [rank*B, (rank+1)*B)); otherwise shard with `process_state(ctx).process_index`.
 - `loss_fn(model, batch) -> (loss, logs)`: a scalar loss to minimise and a dict of floats/0-d tensors to log
-  (averaged over micro-batches; rank-local). It gets the *wrapped* model (DDP); call it as usual. It runs under
+  (averaged over micro-batches; rank-local). It gets the *wrapped* model (DDP, FSDP); call it as usual. It runs under
   autocast, so a frozen teacher inside it (distill) is autocast too; put the teacher on
   `process_state(ctx).device` and keep it out of the optimizer (requires_grad False or not in `model`).
 - `extra_param_groups`: more AdamW groups, e.g. hard-concrete masks and Lagrange multipliers (prune):
@@ -45,7 +53,9 @@ Usage (what the stages do):
 
 Checkpoints: every `save_every` steps and at the end, into `ctx.work_dir/<cfg.name>/step-NNNNNNNN/`
 (model.safetensors = trainable parameters, optimizer.safetensors + .json, objects.*, rng-<rank>.safetensors,
-state.json written last; the folder is renamed into place, older ones are deleted). No pickle anywhere.
+state.json written last; the folder is renamed into place, older ones are deleted). No pickle anywhere. Under
+FSDP the checkpoint is sharded: each process writes its own shards (model-RRRRR.*, optimizer-RRRRR.*), so no
+process gathers the whole AdamW state (16 bytes/parameter for fp32) and resume reads them back in place.
 The next `fit` with the same work_dir, config and parameter shapes continues from the newest one; on CPU the
 result is bit-identical to an uninterrupted run (tests/test_train.py). The learning-rate schedule is a pure
 function of the step, so the step *is* the scheduler state.
@@ -54,9 +64,9 @@ Dynamic batch loading (Xia et al. 2023, arXiv 2310.06694, section 2.2, Algorithm
 `DomainMixture` samples each row's domain in proportion to weights w; `DynamicBatchLoading` (an on_step
 helper) measures per-domain validation loss every m steps and applies `update_domain_weights`.
 
-Not supported: fp16 (needs a loss scaler; use bf16), mid-stage checkpoints under FSDP/DeepSpeed (sharded
-optimizer state: set save_every 0 there), checkpointing buffers (LM buffers do not change in training),
-resuming with a different number of processes (starts over).
+Not supported: fp16 (needs a loss scaler; use bf16), DeepSpeed and FSDP1 (refused), checkpointing buffers (LM
+buffers do not change in training), resuming with a different number of processes (starts over), a model
+whose weights do not fit one device before sharding (every process loads the stage input whole).
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from compress import distributed
 from compress.errors import CompressError
 
 CKPT_FORMAT = 1
@@ -181,51 +192,43 @@ def fit(
     Raises CompressError when the loss or the gradient norm is not finite (naming the step; nothing is
     updated at that step), or when `batches` runs out.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
     process_state(ctx)
-    accelerator = Accelerator(cpu=ctx.device.type == "cpu")
+    accelerator = distributed.accelerator(cpu=ctx.device.type == "cpu")
     device = accelerator.device
-    if cfg.save_every and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise CompressError(
-            f"{cfg.name}: mid-stage checkpoints are not supported under {accelerator.distributed_type.value}; "
-            "set save_every: 0"
-        )
+    fsdp = distributed.is_fsdp(accelerator)
     state_objects = dict(state_objects or {})
     if hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict"):
         state_objects["batches"] = batches
 
     # -- parameters and optimizer
     extra = [dict(g, params=list(g["params"])) for g in extra_param_groups]
-    extra_ids = {id(p) for g in extra for p in g["params"]}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in extra_ids]
-    in_model = {id(p) for p in model.parameters()}
-    outside = [p for g in extra for p in g["params"] if id(p) not in in_model]
-    for p in outside:  # same Parameter objects, so the caller's references stay valid
-        p.data = p.data.to(device)
-    main_params = [p for _, p in named]
-    groups = [
-        {"params": [p for p in main_params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in main_params if p.ndim < 2], "weight_decay": 0.0},
-    ]
     for g in extra:
         g.setdefault("weight_decay", 0.0)
         if g.setdefault("schedule", "cosine") not in ("cosine", "constant"):
             raise CompressError(f"{cfg.name}: a group's schedule is 'cosine' or 'constant', not {g['schedule']!r}")
-    groups = [g for g in groups + extra if g["params"]]
-    if not groups:
-        raise CompressError(f"{cfg.name}: nothing to train (no parameter requires grad)")
-    for g in groups:
-        g.setdefault("lr", cfg.lr)
-        g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    extra_ids = {id(p) for g in extra for p in g["params"]}
+    in_model = {id(p) for p in model.parameters()}
+    outside = [p for g in extra for p in g["params"] if id(p) not in in_model]
+    if fsdp and len(outside) != sum(len(g["params"]) for g in extra):
+        raise CompressError(f"{cfg.name}: under FSDP the extra parameter groups must hold parameters outside the "
+                            "model (FSDP shards the model's own)")
+    for p in outside:  # same Parameter objects, so the caller's references stay valid
+        p.data = p.data.to(device)
     was_training = model.training
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # FSDP2 shards `model` in place; the optimizer is built on the shards (accelerate: model first, alone)
+        snapshot = distributed.Snapshot(model)
+        wrapped = accelerator.prepare(model)
+        snapshot.release_weights()  # the shards are copies: drop the full tensors until training ends
+        named = [(n, p) for n, p in distributed.canonical_parameters(wrapped) if p.requires_grad]
+        optimizer = _adamw(named, extra, cfg)
+    else:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in extra_ids]
+        wrapped, optimizer = accelerator.prepare(model, _adamw(named, extra, cfg))
+    main_params = [p for _, p in named]
 
     # -- resume
     ckpt_root = Path(ctx.work_dir) / cfg.name if ctx.work_dir is not None and cfg.save_every else None
-    key = _fingerprint(cfg, named, extra, accelerator.num_processes)
+    key = _fingerprint(cfg, named, extra, accelerator.num_processes, fsdp)
     tensors = _trainable_tensors(named, extra)
     step, tokens, micro, history, resumed_from = 0, 0, 0, [], None
     latest = _latest_checkpoint(ckpt_root) if ckpt_root else None
@@ -234,7 +237,7 @@ def fit(
         if saved.get("key") != key:
             ctx.log(f"[{cfg.name}] ignoring checkpoint {latest.name}: it was made with another config or model")
         else:
-            _load_checkpoint(latest, tensors, optimizer, state_objects, accelerator, ctx)
+            _load_checkpoint(latest, tensors, optimizer, state_objects, accelerator, ctx, sharded=fsdp)
             step, tokens, micro, history = saved["step"], saved["tokens"], saved["micro_batches"], saved["history"]
             resumed_from = step
             ctx.log(f"[{cfg.name}] resumed from step {step}/{cfg.steps}")
@@ -268,7 +271,9 @@ def fit(
             micro += 1
             batch = _to_device(batch, device)
             step_tokens += _count_tokens(batch)
-            sync = i == cfg.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
+            # DDP all-reduces gradients on the last micro-batch only; FSDP reduce-scatters every micro-batch into
+            # the sharded gradients (skipping it would accumulate full-size unsharded gradients on every process)
+            sync = fsdp or i == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, logs = loss_fn(wrapped, batch)
@@ -308,9 +313,14 @@ def fit(
         if ckpt_root is not None and (step % cfg.save_every == 0 or step == cfg.steps):
             state = {"format": CKPT_FORMAT, "key": key, "step": step, "tokens": tokens, "micro_batches": micro,
                      "history": history}
-            _save_checkpoint(ckpt_root, state, tensors, optimizer, state_objects, accelerator)
+            _save_checkpoint(ckpt_root, state, tensors, optimizer, state_objects, accelerator, sharded=fsdp)
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    if fsdp:  # every process gets the full trained weights back into the plain model it passed in
+        optimizer.state.clear()
+        del optimizer
+        snapshot.restore(distributed.full_parameters(wrapped))
+        del wrapped
     model.train(was_training)
     accelerator.free_memory()  # drop accelerate's references to the wrapped model and optimizer
     return FitResult(
@@ -462,14 +472,16 @@ def domain_losses(
     was_training = model.training
     model.eval()
     out = {}
+    lockstep = distributed.is_sharded(model)  # under FSDP a forward is a collective: every process runs as many
     for name, x in val_blocks.items():  # x: [n, T]
         mine = x[state.process_index::state.num_processes]
         total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of block losses, blocks]
-        for i in range(0, len(mine), batch_size):
+        rows = math.ceil(len(x) / state.num_processes) if lockstep else len(mine)  # the most any process has
+        for i in range(0, rows, batch_size):
             b = mine[i:i + batch_size].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, _ = loss_fn(model, {"input_ids": b})
-            total[0] += loss.double() * len(b)
+                loss, _ = loss_fn(model, {"input_ids": b if len(b) else x[:1].to(device)})
+            total[0] += loss.double() * len(b)  # a stand-in block (len(b) == 0) counts for nothing
             total[1] += len(b)
         total = reduce(total, "sum")
         if total[1] == 0:
@@ -521,7 +533,23 @@ class DynamicBatchLoading:
         self.history = state["history"]
 
 
-# -- checkpoint internals (safetensors for tensors, JSON for the rest; no pickle)
+# -- optimizer and checkpoint internals (safetensors for tensors, JSON for the rest; no pickle)
+
+
+def _adamw(named, extra: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable `named` parameters (matrices decayed, vectors not) and the extra groups."""
+    params = [p for _, p in named]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups + extra if g["params"]]
+    if not groups:
+        raise CompressError(f"{cfg.name}: nothing to train (no parameter requires grad)")
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def _to_device(batch, device):
@@ -542,14 +570,17 @@ def _count_tokens(batch) -> int:
     return int(ids.numel()) if torch.is_tensor(ids) else 0
 
 
-def _fingerprint(cfg: TrainConfig, named, extra, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: config, trainable shapes, extra groups, process count."""
+def _fingerprint(cfg: TrainConfig, named, extra, world_size: int, sharded: bool = False) -> str:
+    """What a checkpoint must match to be resumed: config, trainable shapes, extra groups, process count, and
+    whether it holds FSDP shards (one file per process) or whole tensors."""
     desc = {
         "cfg": json.loads(json.dumps(asdict(cfg))),
         "params": [[n, list(p.shape)] for n, p in named],
         "extra": [[list(p.shape) for p in g["params"]] for g in extra],
         "world_size": world_size,
     }
+    if sharded:
+        desc["fsdp"] = True
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -564,7 +595,8 @@ def _trainable_tensors(named, extra) -> dict[str, torch.Tensor]:
 def _flatten(obj, tensors: dict, prefix: str):
     """JSON skeleton of `obj`; tensors are moved to `tensors` and replaced by {"__tensor__": key}."""
     if torch.is_tensor(obj):
-        tensors[prefix] = obj.detach().to("cpu").contiguous()
+        local = obj.to_local() if distributed.is_dtensor(obj) else obj  # an FSDP shard: this process's part
+        tensors[prefix] = local.detach().to("cpu").contiguous()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
@@ -621,18 +653,31 @@ def _latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _save_checkpoint(root: Path, state: dict, tensors: dict, optimizer, objects: dict, accelerator) -> None:
-    """Write step-NNNNNNNN/ through a temporary folder; state.json last, then rename, then drop older ones."""
+def _save_checkpoint(root: Path, state: dict, tensors: dict, optimizer, objects: dict, accelerator,
+                     sharded: bool = False) -> None:
+    """Write step-NNNNNNNN/ through a temporary folder; state.json last, then rename, then drop older ones.
+
+    Whole tensors come from the main process (DDP keeps replicas identical); under FSDP (`sharded`) every process
+    writes its own shards of the parameters and AdamW states (model-RRRRR.safetensors, optimizer-RRRRR.*): no
+    process gathers the whole optimizer state, and resuming needs the same number of processes (the checkpoint
+    key already requires it).
+    """
     tmp = root / f".tmp-step-{state['step']:08d}"
+    rank = accelerator.process_index
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_file(_rng_state(accelerator.device), str(tmp / f"rng-{accelerator.process_index}.safetensors"))
+    save_file(_rng_state(accelerator.device), str(tmp / f"rng-{rank}.safetensors"))
+    if sharded:
+        _save_tree({k: p.detach() for k, p in tensors.items()}, tmp, f"model-{rank:05d}")
+        _save_tree(optimizer.state_dict(), tmp, f"optimizer-{rank:05d}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: p.detach().to("cpu").contiguous() for k, p in tensors.items()}, str(tmp / "model.safetensors"))
-        _save_tree(optimizer.state_dict(), tmp, "optimizer")
+        if not sharded:
+            whole = {k: p.detach().to("cpu").contiguous() for k, p in tensors.items()}
+            save_file(whole, str(tmp / "model.safetensors"))
+            _save_tree(optimizer.state_dict(), tmp, "optimizer")
         _save_tree({k: o.state_dict() for k, o in objects.items()}, tmp, "objects")
         (tmp / "state.json").write_text(json.dumps(state))
         final = root / f"step-{state['step']:08d}"
@@ -644,16 +689,28 @@ def _save_checkpoint(root: Path, state: dict, tensors: dict, optimizer, objects:
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(folder: Path, tensors: dict, optimizer, objects: dict, accelerator, ctx) -> None:
-    weights = load_file(str(folder / "model.safetensors"))
+def _load_checkpoint(folder: Path, tensors: dict, optimizer, objects: dict, accelerator, ctx,
+                     sharded: bool = False) -> None:
+    rank = accelerator.process_index
+    if sharded:
+        if not (folder / f"model-{rank:05d}.safetensors").is_file():
+            raise CompressError(f"checkpoint {folder} has no shards for process {rank}; delete {folder.parent}")
+        weights = _load_tree(folder, f"model-{rank:05d}")
+        opt_state = _load_tree(folder, f"optimizer-{rank:05d}")
+    else:
+        weights = load_file(str(folder / "model.safetensors"))
+        opt_state = _load_tree(folder, "optimizer")
     if set(weights) != set(tensors):
         raise CompressError(
             f"checkpoint {folder} holds other parameters than the model being trained; delete {folder.parent}"
         )
     with torch.no_grad():
         for k, p in tensors.items():
-            p.copy_(weights[k].to(p.device, p.dtype))
-    optimizer.load_state_dict(_load_tree(folder, "optimizer"))
+            target = p.to_local() if distributed.is_dtensor(p) else p  # an FSDP shard: this process's part, in place
+            target.copy_(weights[k].to(target.device, target.dtype))
+    if sharded:
+        opt_state = distributed.as_shards(opt_state, optimizer)
+    optimizer.load_state_dict(opt_state)
     saved_objects = _load_tree(folder, "objects")
     for name, obj in objects.items():
         if name not in saved_objects:

@@ -15,7 +15,7 @@ from compress import manifest, memory
 from compress.cli import main
 from compress.stages import STAGES
 
-from conftest import SMOKE, TINY_LLAMA, cli, write_pipeline
+from conftest import REPO, SMOKE, TINY_LLAMA, cli, write_pipeline
 
 
 BAD = {
@@ -174,7 +174,7 @@ def test_a_stage_registered_in_one_place_plans_and_runs(tmp_path, monkeypatch):
     r = cli("plan", str(p), "--device", "cpu:8GB")
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if line.startswith("01"))
-    assert "halve_norms" in row and memory.fmt_bytes(SCRATCH_BYTES) in row and row.rstrip().endswith("yes")
+    assert "halve_norms" in row and memory.fmt_bytes(SCRATCH_BYTES) in row and " yes " in row
     r = cli("run", str(p), "--out", str(tmp_path / "runs"), "-q")
     assert r.exit_code == 0, r.output
     m = manifest.read(tmp_path / "runs" / "h" / "01-halve_norms")
@@ -215,3 +215,14 @@ def test_zoo_list_names_every_entry():
 
     r = cli("zoo", "list")
     assert r.exit_code == 0 and all(name in r.output for name in [*zoo.MODELS, *zoo.CORPORA])
+
+
+def test_plan_fsdp_is_per_gpu_of_n(tmp_path):
+    """bench/results/fsdp-plan.md's rows: full fine-tuning of Llama-3-8B (config only) on 80 GB GPUs."""
+    p = tmp_path / "8b.yaml"
+    p.write_text(f"name: t\nmodel: {REPO / 'configs' / 'models' / 'llama-3-8b'}\n"
+                 "stages:\n  - train: {batch_size: 1, seq_len: 2048}\n")
+    two = CliRunner().invoke(main, ["plan", str(p), "--device", "h100-80gb", "--fsdp", "2"])
+    assert two.exit_code == 1 and "80.12 GiB" in two.output and "does not fit" in two.output
+    eight = cli("plan", str(p), "--device", "h100-80gb", "--fsdp", "8")
+    assert eight.exit_code == 0 and "35.2" in eight.output.splitlines()[3]

@@ -347,3 +347,33 @@ def test_minilm_agreement_with_itself_and_a_perturbed_copy(monkeypatch):
             p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
     vs = evaluate.run(noisy, tok, cfg, "cpu", base_model=model)["accuracy"]["agreement"]["zoo:austen"]
     assert 0.0 < vs["spearman"] < 0.999 and vs["mean_cosine"] < 0.999
+
+
+def test_kl_and_top1_against_a_reference(tiny_llama, text_file):
+    """KL(base || model) and top-1 agreement over the perplexity windows: 0 and 100% for the model itself (and for
+    an identical copy, through a second forward); positive and below 100% for a perturbed copy; perplexity is
+    the same number whether or not it is compared."""
+    import copy
+
+    model, tok = tiny_llama
+    cfg = evaluate.EvalConfig(perplexity=[str(text_file)], seq_len=64, max_tokens=512, speed=False)
+    alone = evaluate.perplexity(model, tok, str(text_file), cfg, "cpu")
+    self_ = evaluate.perplexity(model, tok, str(text_file), cfg, "cpu", reference=model)
+    twin = evaluate.perplexity(model, tok, str(text_file), cfg, "cpu", reference=copy.deepcopy(model))
+    assert self_["value"] == alone["value"] and "kl" not in alone
+    assert self_["kl"] == 0.0 and self_["top1"] == 1.0 and self_["protocol"]["reference"] == "self"
+    assert abs(twin["kl"]) < 1e-6 and twin["top1"] == 1.0 and twin["protocol"]["reference"] == "base"
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    far = evaluate.perplexity(noisy, tok, str(text_file), cfg, "cpu", reference=model)
+    assert far["kl"] > 1e-3 and far["top1"] < 1.0
+    # the definition, by hand on one window
+    ref, out = torch.randn(1, 5, 7), torch.randn(1, 5, 7)
+    scored = torch.tensor([[False, True, True, False, True]])
+    kl, agree, n = evaluate.divergence(ref, out, scored)
+    p, q = ref[0, :-1].log_softmax(-1), out[0, :-1].log_softmax(-1)
+    rows = scored[0, 1:]
+    assert n == 3 and kl == pytest.approx(float((p.exp() * (p - q)).sum(-1)[rows].sum()), rel=1e-5)
+    assert agree == int((p.argmax(-1) == q.argmax(-1))[rows].sum())

@@ -12,6 +12,7 @@ import torch
 
 from compress import config, measure, planner
 from compress import memory as M
+from compress import evaluate
 from compress.evaluate import EvalConfig
 from compress.errors import CompressError
 from compress.stages import STAGES
@@ -215,12 +216,12 @@ def test_bare_encoder_plans_no_logits():
     assert not any("logits" in k or "KL" in k for k in distill.breakdown)
     B, S, h = 4, 128, 64
     assert distill.breakdown["teacher hidden states"] == (4 + 1) * B * S * h * 4   # every teacher layer + embeddings
-    ev = M.eval_terms(base.output_state, EvalConfig(perplexity=["zoo:austen"], seq_len=128))  # agreement by default
+    ev = evaluate.predict_memory(base.output_state, EvalConfig(perplexity=["zoo:austen"], seq_len=128))  # agreement by default
     from compress.evaluate import AGREEMENT_BATCH as B
 
     assert ev["hidden states of every layer"] == (4 + 1) * B * S * h * 4 and "logits" not in ev
     assert "reference (base) model weights" not in ev
-    with_ref = M.eval_terms(distill.output_state, EvalConfig(**stages["eval"]), "cpu", base.output_state)
+    with_ref = evaluate.predict_memory(distill.output_state, EvalConfig(**stages["eval"]), "cpu", base.output_state)
     assert with_ref["reference (base) model weights"] == base.output_weights_bytes      # the student vs its teacher
     assert distill.eval_growth_bytes == sum(with_ref.values())
     with_head = plan(stages, json.loads(TINY_BERT.read_text()))[1]
@@ -229,8 +230,8 @@ def test_bare_encoder_plans_no_logits():
 
 def test_eval_batches_no_more_windows_than_max_tokens_gives(tiny_shape, txt):
     state = M.ModelState(tiny_shape, "float32")
-    few = M.eval_terms(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=1024))
-    many = M.eval_terms(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=20480))
+    few = evaluate.predict_memory(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=1024))
+    many = evaluate.predict_memory(state, EvalConfig(perplexity=[txt], seq_len=512, batch_size=4, max_tokens=20480))
     assert few["logits"] == 2 * 512 * 264 * 4 and many["logits"] == 4 * 512 * 264 * 4   # 2 windows, then batch 4
 
 
@@ -300,8 +301,44 @@ def test_eval_prediction_matches_measurement(tmp_path, txt):
     x = torch.randint(0, 16384, (1, 512))
     with torch.no_grad():
         model(x[:, :16])  # warm-up (the pipeline has already evaluated 00-base)
-    plan = predict("eval", planner.initial_state(cfg), perplexity=[txt], seq_len=512, batch_size=1)
+    plan = predict("eval", planner.initial_state(cfg), perplexity=[txt], seq_len=512, batch_size=1, kl=False)
     with measure.PeakMemory("cpu", model) as m, torch.no_grad():
         model(x, labels=x)
     err, ok = measure.compare(plan.growth_bytes, m.measured_bytes, floor=0)
     assert err <= 0.25, (plan.growth_bytes, m.measured_bytes)
+
+
+def test_fsdp_training_terms_per_process_on_hand_numbers(tiny_shape):
+    """`compress plan --fsdp N`: FSDP2 full shard as configs/accelerate/fsdp.yaml runs it, per process."""
+    s = tiny_shape  # tiny Llama: h 64, I 160, 4 layers, kv 2 x 16, vocab 264, tied
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 160 + 2 * 64           # q, o; k, v; gate, up, down; 2 norms
+    P = 264 * 64 + 4 * layer + 64                                        # embedding (= LM head) + layers + final norm
+    assert (layer, P) == (s.layer_params, s.params) == (43136, 189504)
+    assert M.fsdp_unit_params(s) == max(layer, 264 * 64 + 64) == layer
+
+    B, S = 2, 32
+    p = planner.predict_stage(STAGES["train"], STAGES["train"].Config(batch_size=B, seq_len=S), M.ModelState(s),
+                              fsdp=2)
+    acts = (2 * (9 * 64 + 4 * 32 + 4 * 160) + 8 * 64) * B * S * 4        # bf16 compute: a = 2, per process as before
+    assert p.breakdown["input weights"] == 0                             # replaced by its fp32 shards
+    assert p.breakdown["fp32 weight shards"] == p.breakdown["fp32 gradient shards"] == 4 * P // 2 == 379008
+    assert p.breakdown["AdamW states (m, v; fp32 shards)"] == 8 * P // 2 == 758016
+    assert p.breakdown["gathered units (bf16: largest + its gradient, next layer)"] == 2 * (2 * layer + layer) == 258816
+    assert p.breakdown["activations"] == acts == 819200
+    assert p.breakdown["logits + loss"] == B * S * 264 * (2 + 12) == 236544
+    assert p.growth_bytes == 2830592 and p.peak_bytes == 2830592 + M.CPU_PROCESS_BYTES
+    assert "peak in the sharded training phase" in p.breakdown["notes"][0]
+
+    # 8 processes, a short batch: holding the whole model in fp32 while sharding it is the peak
+    p8 = planner.predict_stage(STAGES["train"], STAGES["train"].Config(batch_size=1, seq_len=8), M.ModelState(s),
+                               fsdp=8)
+    training = 2 * (4 * P // 8) + 8 * P // 8 + 6 * layer + 3200 * 8 * 4 + 8 * 264 * 14
+    assert training == 769792 < 4 * P + 4 * P // 8 == 852768
+    assert p8.growth_bytes == 852768 and "peak in the sharding phase" in p8.breakdown["notes"][0]
+
+    # distill with no teacher: the input teaches, whole and resident; the new student is sharded
+    d = planner.predict_stage(STAGES["distill"], STAGES["distill"].Config(batch_size=B, seq_len=S), M.ModelState(s),
+                              fsdp=2)
+    assert d.breakdown["input weights"] == M.ModelState(s).weights_bytes()
+    # one process: the terms of compress/train.py without FSDP, unchanged
+    assert M.training_terms(s, 4, B, S, False, fsdp=1) == M.training_terms(s, 4, B, S, False)

@@ -72,3 +72,22 @@ def test_report_shows_encoder_agreement(tmp_path):
     col = head.index("agreement zoo:austen")
     assert [c[col] for c in cells] == ["1.000", "0.837"]
     assert not any(h.startswith("ppl ") for h in head)
+
+
+def test_kl_and_top1_columns_and_the_kl_plot(tmp_path):
+    run = tmp_path / "r"
+    _manifest(run, 0, "00-base", 4000, 10.0)
+    _manifest(run, 1, "01-q", 1000, 12.0)
+    for folder, kl, top1 in (("00-base", 0.0, 1.0), ("01-q", 0.125, 0.8)):
+        path = run / folder / "manifest.json"
+        m = json.loads(path.read_text())
+        m["accuracy"]["perplexity"]["zoo:austen"].update(kl=kl, top1=top1)
+        path.write_text(json.dumps(m))
+    rows = report.collect([run])
+    assert rows[1]["kl"] == {"zoo:austen": 0.125} and rows[1]["top1"] == {"zoo:austen": 0.8}
+    head, cells = report.table(rows)
+    col = head.index("KL / top-1 zoo:austen")
+    assert [c[col] for c in cells] == ["0.0000 / 100.0%", "0.1250 / 80.0%"]
+    assert report.pareto_plot(rows, tmp_path / "kl.png", y="kl").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(CompressError, match="perplexity or kl"):
+        report.pareto_plot(rows, tmp_path / "x.png", y="bleu")

@@ -37,24 +37,27 @@ from compress.errors import CompressError
 ROW_FORMAT = 0  # bitsandbytes' `weight_format` code for row-major int8 weights (the only one it still writes)
 
 
-def require_bitsandbytes():
-    """The bitsandbytes module, or a CompressError that says how to install it.
-
-    Its CPU backend warns at import that a 4-bit kernel (fetched from the hub by the `kernels` package) is
-    missing; LLM.int8() does not use it, so that one logger is quiet while importing.
-    """
+def quiet_import(module: str, hint: str):
+    """Import `module` (bitsandbytes, or peft, which imports it) with bitsandbytes' CPU backend logger quiet, or raise
+    a CompressError with `hint`. That backend warns at import that a 4-bit kernel (fetched from the hub by the
+    `kernels` package) is missing; LLM.int8() and LoRA over it do not use it."""
+    import importlib
     import logging
 
     cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = cpu_ops.level
     cpu_ops.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        return importlib.import_module(module)
     except ImportError:
-        raise CompressError("int8 needs bitsandbytes: pip install 'compress[int8]'") from None
+        raise CompressError(hint) from None
     finally:
         cpu_ops.setLevel(level)
-    return bitsandbytes
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a CompressError that says how to install it."""
+    return quiet_import("bitsandbytes", "int8 needs bitsandbytes: pip install 'compress[int8]'")
 
 
 # ---------------------------------------------------------------------------------------------- which linears

@@ -558,7 +558,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     else:
         teacher, student = where.states.get(str(cfg.teacher), state), shape
     autocast = memory.autocast(cfg.mixed_precision, where.kind)
-    terms = memory.training_terms(student, a, batch, seq, autocast, new_weights=cfg.teacher is None)
+    terms = memory.training_terms(student, a, batch, seq, autocast, new_weights=cfg.teacher is None,
+                                  fsdp=where.fsdp)
     if cfg.teacher is not None and teacher is not where.input:
         terms["teacher weights"] = teacher.weights_bytes()
     t_a = 2 if autocast else teacher.act_bytes
@@ -572,7 +573,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     terms["teacher forward (one layer)"] = memory.inference_layer_bytes(teacher.shape, t_a, batch, seq)
     domains = memory.text_domains(cfg.data, where.data.get("train"))
     terms["training text"] = memory.data_bytes(shape, [(d, sp) for sp in ("train", "validation") for d in domains])
-    return memory.Parts(terms, state.weights_bytes(), dataclasses.replace(state, shape=student))
+    return memory.training_parts(terms, state, where, dataclasses.replace(state, shape=student), trained=student,
+                                 trains_input=cfg.teacher is not None)
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:

@@ -20,6 +20,7 @@ from compress import evaluate, memory
 
 NAME = "eval"
 WRITES_CHECKPOINT = False  # the pipeline records the input's checkpoint instead of saving a copy
+ONLOAD = True              # can run a model bigger than the device, one block at a time (compress/onload.py)
 
 
 @dataclass
@@ -29,10 +30,8 @@ class Config(evaluate.EvalConfig):
 
 def run(model, tokenizer, cfg: Config, ctx):
     """Evaluate; return the model unchanged and {"accuracy": ..., "speed": ...} for the manifest."""
-    base = None
-    if evaluate.model_kind(model) == "bare":
-        base = ctx.load_model("base")[0]
-    return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base)
+    base = ctx.load_model("base", on_host=ctx.onload)[0] if evaluate.needs_base(model, cfg) else None
+    return model, evaluate.run(model, tokenizer, cfg, device=ctx.device, base_model=base, onload=ctx.onload)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,11 +39,12 @@ def run(model, tokenizer, cfg: Config, ctx):
 
 
 def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -> memory.Parts:
-    """This stage's memory: an evaluation (memory.eval_terms); a bare encoder other than the base is compared
-    with the base model, which is loaded for it."""
+    """This stage's memory: an evaluation (evaluate.predict_memory); the base model it is compared with is loaded
+    for it."""
     base = where.states.get("base")
-    ref = base if base is not None and base is not where.input and not state.shape.logits else None
-    return memory.Parts(memory.eval_terms(state, cfg, where.kind, ref), state.weights_bytes(), state)
+    ref = base if base is not None and base is not where.input else None
+    terms = evaluate.predict_memory(state, cfg, where.kind, ref, where.onload)
+    return memory.Parts(terms, 0 if where.onload else state.weights_bytes(), state)  # onloaded: one block resident
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:

@@ -238,13 +238,14 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     memory.require_plain(state, NAME)
     shape, a = state.shape, state.act_bytes
     batch, seq = cfg.batch_size, cfg.seq_len
-    terms = memory.training_terms(shape, a, batch, seq, memory.autocast("auto", where.kind))  # fit's default
+    terms = memory.training_terms(shape, a, batch, seq, memory.autocast("auto", where.kind),  # fit's default
+                                  fsdp=where.fsdp)
     terms["mask activations"] = batch * seq * shape.layers * a * (3 * shape.hidden + shape.intermediate)
     domains = memory.text_domains(cfg.data, where.data.get("train"))
     terms["training text"] = memory.data_bytes(shape, [(d, "train") for d in domains])
     pruned = _pruned_shape(shape, cfg)
     terms["pruned model"] = (pruned.params + pruned.float_buffers) * a
-    return memory.Parts(terms, state.weights_bytes(), dataclasses.replace(state, shape=pruned))
+    return memory.training_parts(terms, state, where, dataclasses.replace(state, shape=pruned))
 
 
 def _meta_model(config: dict):

@@ -188,13 +188,13 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     validation splits of every domain, and the reference model when it is an earlier stage's."""
     memory.require_plain(state, NAME)
     terms = memory.training_terms(state.shape, state.act_bytes, cfg.batch_size, cfg.seq_len,
-                                  memory.autocast(cfg.mixed_precision, where.kind))
+                                  memory.autocast(cfg.mixed_precision, where.kind), fsdp=where.fsdp)
     domains = memory.text_domains(cfg.domains, where.data.get("train"))
     terms["training text"] = memory.data_bytes(state.shape, [(d, sp) for sp in ("train", "validation") for d in domains])
     ref = cfg.reference_model
     if ref != "input" and ref in where.states and where.states[ref] is not where.input:
         terms["reference model"] = where.states[ref].weights_bytes()
-    return memory.Parts(terms, state.weights_bytes(), state)
+    return memory.training_parts(terms, state, where, state)
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from compress import checkpoint, families, manifest, moe, planner
+from compress import checkpoint, families, manifest, moe, support
 from compress.context import Context
 from compress.errors import CompressError
-from compress.stages import STAGES
 from compress.tiny import build
 from conftest import REPO, TEXT
 
@@ -27,47 +26,16 @@ def corpus(tmp_path_factory):
     return str(p)
 
 
-def _stage(name: str, corpus: str):
-    """(stage module, small Config) of a family x stage cell."""
-    if name == "rtn":
-        return STAGES["gptq"], STAGES["gptq"].Config(method="rtn", group_size=32)
-    module = STAGES[name]
-    kw = {
-        "cast": dict(dtype="bfloat16"),
-        "train": dict(tokens=64, batch_size=2, seq_len=16, save_every=0, eval_tokens=32, update_every=1),
-        "distill": dict(layers=1, tokens=64, batch_size=2, seq_len=16, save_every=0, eval_tokens=32),
-        "gptq": dict(nsamples=4, seq_len=16, batch_size=4, group_size=32),
-        "int8": dict(calibration_samples=1, seq_len=16),
-        "eval": dict(perplexity=[corpus], seq_len=16, max_tokens=32, batch_size=2, speed=False),
-    }[name]
-    return module, module.Config(**kw)
-
-
 @pytest.mark.parametrize("stage", FAMILY_STAGES)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem.removeprefix("tiny-"))
 def test_stage_runs_or_refuses_naming_the_family(config, stage, corpus, tmp_path):
-    """The planner's prediction, the stage, and for quantized outputs save + reload (the round-trip check)."""
+    """compress.support's cell: the planner's prediction, the stage, the save and the round-trip reload; a refusal
+    is one line that names the family (quantization stages refuse to leave most of the blocks' linears alone)."""
     if stage == "int8":
         pytest.importorskip("bitsandbytes")
-    raw = json.loads(config.read_text())
-    fam = families.of(raw)
-    module, cfg = _stage(stage, corpus)
-    data = {"calibration": corpus, "train": [corpus]}
-    model, tok = build(config, seed=0)
-    base = None
-    if stage == "eval":  # the evaluation may compare with the base model (KLD, encoder agreement)
-        base = tmp_path / "base"
-        checkpoint.save(model, tok, base)
-    ctx = Context.for_tests(tmp_path, data=data, base_path=base)
-    try:
-        planner.predict_stage(module, cfg, planner.initial_state(raw), data=data)
-        model, stats = module.run(model, tok, cfg, ctx)
-        if getattr(model.config, "quantization_config", None):
-            checkpoint.save(model, tok, tmp_path / "out")
-            checkpoint.round_trip(model, tmp_path / "out", "cpu")
-            assert stats["quantized_fraction"]["of_block_linears"] >= 0.5
-    except CompressError as e:
-        assert "\n" not in str(e) and fam.name in str(e), str(e)
+    fam = families.of(json.loads(config.read_text()))
+    result = support.run_cell(config.stem.removeprefix("tiny-"), stage, corpus, tmp_path)
+    assert result == "ok" or (result.startswith("refused: ") and fam.name in result), result
 
 
 @pytest.mark.parametrize("config", ["tiny-mixtral", "tiny-qwen3-moe"])

@@ -281,8 +281,6 @@ def _decoder_layers(model) -> Any:
 
 
 def _shape_from_model(model, raw: dict) -> ModelShape:
-    import torch
-
     from compress import moe
 
     cfg = model.config

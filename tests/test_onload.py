@@ -98,3 +98,18 @@ def test_offload_always_gives_the_numbers_of_a_whole_model_run(tmp_path, tiny_ll
     again = pipeline.run(config.load(tmp_path / "always.yaml"), out_root=tmp_path / "runs", log=lambda m: None,
                          quiet=True)
     assert [r.status for r in again] == ["skipped", "skipped"]
+
+
+def test_every_block_gets_its_own_mask_and_rotary_table():
+    """Gemma 3's sliding and full layers get different masks and rotary tables: what block walkers (GPTQ,
+    onloading) must pass each block, not block 0's."""
+    from compress.modeling import capture_block_inputs
+    from compress.tiny import build
+
+    model, _ = build(REPO / "configs" / "models" / "tiny-gemma3.json", seed=0)
+    captured = capture_block_inputs(model, _batches(n=1, t=40), "cpu")[0]
+    types = model.config.layer_types
+    full, sliding = types.index("full_attention"), types.index("sliding_attention")
+    rope = [kw["position_embeddings"][0] for _, kw in captured["args"]]
+    assert not torch.equal(rope[full], rope[sliding])
+    assert all(rope[i] is rope[sliding] for i, t in enumerate(types) if t == "sliding_attention")  # shared, not copied

@@ -56,8 +56,8 @@ from compress.algorithms.gptq import (
 from compress import families, measure, memory, moe
 from compress.errors import CompressError
 from compress.modeling import (
-    MIN_QUANTIZED_FRACTION, StopForward, call_block, capture_layer_inputs, decoder_layers_with_name, linear_weight,
-    linears, move, quantized_fraction, set_linear_weight, set_submodule, trace_block,
+    MIN_QUANTIZED_FRACTION, StopForward, call_block, capture_block_inputs, decoder_layers_with_name, linear_weight,
+    linears, quantized_fraction, set_linear_weight, set_submodule, trace_block,
 )
 
 NAME = "gptq"
@@ -284,10 +284,17 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
     inputs = None
     if cfg.method == "gptq":
         batches = list(tokens.split(cfg.batch_size))
-        inputs = [  # per batch: (hidden [B, T, d], extra args, kwargs), fp32 on the compute device
-            (h.to(device=device, dtype=torch.float32), move(r, device, torch.float32), move(kw, device, torch.float32))
-            for h, r, kw in capture_layer_inputs(model, batches, device)
-        ]
+        # every block's own arguments: layer types give blocks different masks and rotary tables (Gemma, Qwen with
+        # sliding windows); blocks of one type share the very tensors, moved to the device once (memo by identity)
+        captured = capture_block_inputs(model, batches, device)
+        memo: dict[int, torch.Tensor] = {}
+
+        def block_args(i: int, b: int) -> tuple:
+            rest, kw = captured[b]["args"][i]
+            return _moved(rest, device, memo), _moved(kw, device, memo)
+
+        inputs = [(x["hidden"].to(device=device, dtype=torch.float32), *block_args(0, b))  # per batch: (hidden
+                  for b, x in enumerate(captured)]                                         # [B, T, d], args, kwargs)
 
     steps = None  # passes of a block, each a list of linear sets that share an input (see _steps)
     traced = None  # the linear names of the block the steps were traced on (MoE models mix dense blocks in)
@@ -306,6 +313,8 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
         home = next(block.parameters()).device
         originals = list(block.state_dict().values())  # the input's tensors, for page_out_mapped below
         experts["experts"] += moe.unfuse_block(block, fam)  # fused 3-D experts -> per-expert linears (same numbers)
+        if inputs is not None:  # this block's own mask and rotary tables
+            inputs = [(h, *block_args(i, b)) for b, (h, _, _) in enumerate(inputs)]
         block.to(device=device, dtype=torch.float32)
         names = list(linears(block))
         lists = moe.expert_lists(block)
@@ -459,6 +468,20 @@ def check_coverage(layers, layers_name: str, fam, cfg: Config) -> int:
             f"(skip={cfg.skip}); refusing a mostly unquantized result (experts are quantized per expert for "
             f"{', '.join(families.supported(lambda f: f.is_moe()))}; check gptq.skip)")
     return total
+
+
+def _moved(value, device: torch.device, memo: dict):
+    """`value` (tensors in nested tuples / lists / dicts) on `device`, floating tensors in fp32; a tensor seen before
+    (by identity) is moved once."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device=device, dtype=torch.float32 if value.is_floating_point() else None)
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device, memo) for k, v in value.items()}
+    return value
 
 
 def _steps(block: nn.Module, inputs, names: list[str], lists: list[str]):

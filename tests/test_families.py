@@ -1,5 +1,7 @@
-"""Every stage but prune on every family of compress/families.py (tiny configs, CPU, seconds): it runs, or refuses
-in one line that names the family; never another exception. MoE experts are quantized per expert and reload."""
+"""Every stage, and the prune -> distill -> gptq chain, on every family of compress/families.py (tiny configs, CPU,
+seconds): it runs, or refuses in one line that names the family, exactly as bench/results/families.json records
+(which the README's support table is made from); never another exception. MoE experts are quantized per expert
+and reload."""
 
 from __future__ import annotations
 
@@ -13,29 +15,33 @@ from compress import checkpoint, families, manifest, moe, support
 from compress.context import Context
 from compress.errors import CompressError
 from compress.tiny import build
-from conftest import REPO, TEXT
+from conftest import REPO
 
-CONFIGS = sorted((REPO / "configs" / "models").glob("tiny-*.json"))
-FAMILY_STAGES = ("cast", "train", "distill", "gptq", "rtn", "int8", "eval")
+RECORD = json.loads((REPO / "bench" / "results" / "families.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text("".join(f"Chapter {i}. " + TEXT for i in range(40)))
+    p.write_text(support.CORPUS_TEXT)
     return str(p)
 
 
-@pytest.mark.parametrize("stage", FAMILY_STAGES)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem.removeprefix("tiny-"))
-def test_stage_runs_or_refuses_naming_the_family(config, stage, corpus, tmp_path):
+@pytest.mark.parametrize("stage", support.COLUMNS)
+@pytest.mark.parametrize("family", support.FAMILIES)
+def test_stage_runs_or_refuses_as_recorded(family, stage, corpus, tmp_path):
     """compress.support's cell: the planner's prediction, the stage, the save and the round-trip reload; a refusal
-    is one line that names the family (quantization stages refuse to leave most of the blocks' linears alone)."""
-    if stage == "int8":
-        pytest.importorskip("bitsandbytes")
-    fam = families.of(json.loads(config.read_text()))
-    result = support.run_cell(config.stem.removeprefix("tiny-"), stage, corpus, tmp_path)
+    is one line that names the family (prune refuses families whose attention ties head_dim to hidden / heads;
+    quantization stages refuse to leave most of the blocks' linears alone). It must be what the record says."""
+    fam = families.of(json.loads((REPO / "configs" / "models" / f"tiny-{family}.json").read_text()))
+    result = support.run_cell(family, stage, corpus, tmp_path)
     assert result == "ok" or (result.startswith("refused: ") and fam.name in result), result
+    assert result == RECORD[family][stage], "rerun `python bench/families.py` if this change is meant"
+
+
+def test_readme_support_table_is_the_record():
+    assert support.markdown(RECORD) in (REPO / "README.md").read_text()
+    assert set(RECORD) == set(support.FAMILIES) and all(list(c) == support.COLUMNS for c in RECORD.values())
 
 
 @pytest.mark.parametrize("config", ["tiny-mixtral", "tiny-qwen3-moe"])

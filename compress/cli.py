@@ -100,6 +100,7 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
     pipeline.stage_position(pipe, until)  # an unknown --until fails here, before anything is loaded
     if dry_run:
         source = pipeline.source_of(pipe)
+        pipeline.check_inputs(pipe)
         planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)), force=force)
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))

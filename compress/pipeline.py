@@ -68,6 +68,37 @@ def source_of(pipe: Pipeline, weights: bool = True) -> sources.Source:
                            trust_remote_code=pipe.trust_remote_code, weights=weights)
 
 
+def check_inputs(pipe: Pipeline) -> None:
+    """Before any work: every zoo entry the pipeline names (a corpus, a teacher) is installed, every text file
+    exists, every package a stage needs (its REQUIRES) imports; one line for the first that is missing."""
+    import importlib.util
+
+    from compress import data, zoo
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from strings(v)
+
+    blocks = [pipe.data, dataclasses.asdict(pipe.eval) if pipe.eval else {},
+              *(dataclasses.asdict(s.config) for s in pipe.stages)]
+    for value in strings(blocks):
+        if value.startswith("zoo:") and value[4:] in {**zoo.MODELS, **zoo.CORPORA} and not zoo.is_installed(value[4:]):
+            raise CompressError(f"{value} is not installed: run `compress zoo fetch {value[4:]}`")
+        if value.endswith((".txt", ".jsonl")):
+            data.check_spec(value)
+    for spec in pipe.stages:
+        for package in getattr(spec.module, "REQUIRES", ()):
+            if importlib.util.find_spec(package) is None:
+                raise CompressError(f"stage {spec.folder} ({spec.type}) needs the {package} package: "
+                                    f"pip install {package}")
+
+
 def stage_position(pipe: Pipeline, name: str | None) -> int:
     """Index (0 = base) of the stage named `name` (or its folder NN-name); the last index for None."""
     if name is None:
@@ -114,6 +145,7 @@ def run(
     if until is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CompressError("--until runs on one process only; run it without `accelerate launch`")
     source = source_of(pipe)
+    check_inputs(pipe)
     out = Path(out_root) / pipe.name
     ranks = Ranks(out, pick_device(pipe.device))
     if ranks.device.type == "cpu":

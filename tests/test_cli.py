@@ -226,3 +226,21 @@ def test_plan_fsdp_is_per_gpu_of_n(tmp_path):
     assert two.exit_code == 1 and "80.12 GiB" in two.output and "does not fit" in two.output
     eight = cli("plan", str(p), "--device", "h100-80gb", "--fsdp", "8")
     assert eight.exit_code == 0 and "35.2" in eight.output.splitlines()[3]
+
+
+def test_a_missing_corpus_or_package_is_named_before_the_base_is_loaded(tmp_path, monkeypatch):
+    from compress import zoo
+
+    monkeypatch.setattr(zoo, "is_installed", lambda name: name != "shakespeare")
+    p = write_pipeline(tmp_path, f"name: m\nmodel: tiny:{TINY_LLAMA}\neval: {{perplexity: [zoo:shakespeare]}}\n"
+                                 "stages: [cast]\n")
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "zoo:shakespeare is not installed: run `compress zoo fetch shakespeare`" in r.output
+    assert not (tmp_path / "runs").exists()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    p = write_pipeline(tmp_path, f"name: m\nmodel: tiny:{TINY_LLAMA}\nstages: [int8]\n", "b.yaml")
+    r = CliRunner().invoke(main, ["run", str(p), "--out", str(tmp_path / "runs"), "--dry-run"])
+    assert r.exit_code == 2 and "needs the bitsandbytes package" in r.output

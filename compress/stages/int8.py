@@ -38,6 +38,7 @@ from compress.context import Context
 from compress.errors import CompressError
 
 NAME = "int8"
+REQUIRES = ("bitsandbytes",)  # checked before any work (compress.pipeline.check_inputs)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -52,6 +52,7 @@ from compress import train as engine
 from compress.errors import CompressError
 
 NAME = "lora"
+REQUIRES = ("peft",)  # checked before any work (compress.pipeline.check_inputs)
 DISTRIBUTED = True  # under `accelerate launch` every process runs it, on its own shard (compress/pipeline.py)
 LOSSES = ("kd", "lm")
 # Importing peft into a process that already runs a model and has imported bitsandbytes: +10.3 MiB RSS, measured

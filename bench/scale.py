@@ -37,7 +37,7 @@ save ...) are cut at the log lines `compress run` prints; each gets its time and
 file memory.
 
     nice -n 10 python bench/scale.py --shapes 135m,135m-zoo,1.7b --label before
-    nice -n 10 python bench/scale.py --shapes 8b --label before --timeout-min 150
+    nice -n 10 python bench/scale.py --shapes 8b --label before --timeout-min 300
     nice -n 10 python bench/scale.py --label after                 # every shape, the code of this checkout
     python bench/scale.py --self-test                              # the generator on tiny shapes, loaded back
 Results merge into bench/results/scale.json (runs[label][shape]: a later label adds to the earlier ones; a shape
@@ -473,8 +473,8 @@ class Watched:
         self._new_phase(self.phase, 0.0)
         with open(self.log, "w") as out:
             out.write("$ " + " ".join(self.cmd) + "\n")
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.env["PYTHONPATH"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
             reader = threading.Thread(target=self._read, args=(self.proc.stdout, out), daemon=True)
             reader.start()
             beat = time.time()
@@ -565,14 +565,24 @@ def pipeline_yaml(shape: Shape, model: str, nsamples: int, seq_len: int) -> str:
 
 
 def child_env(src: Path) -> dict:
+    """The environment of every child; children also run with cwd=src, as `python -m` puts the cwd first on sys.path."""
     return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(src))
+
+
+def check_src(src: Path, env: dict) -> str:
+    """Where a child imports compress from; it must be `src` (not an editable install elsewhere, not the cwd)."""
+    out = subprocess.run([sys.executable, "-c", "import compress; print(compress.__file__)"], env=env, cwd=src,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(out).resolve().is_relative_to(src):
+        raise SystemExit(f"children import compress from {out}, not from --src {src}")
+    return out
 
 
 def ensure_model(shape: Shape, work: Path, seed: int, env: dict) -> tuple[Path, dict]:
     """The checkpoint folder of a shape, written (in a child process) unless one of the same spec and seed is there."""
     if shape.zoo:
         out = subprocess.run([sys.executable, "-c", f"from compress import zoo; print(zoo.model_path({shape.zoo!r}))"],
-                             env=env, capture_output=True, text=True, check=True)
+                             env=env, cwd=env["PYTHONPATH"], capture_output=True, text=True, check=True)
         folder = Path(out.stdout.strip().splitlines()[-1])
         return folder, {"zoo": shape.zoo, "disk_bytes": disk_bytes(folder)}
     folder = work / "models" / shape.name
@@ -586,7 +596,7 @@ def ensure_model(shape: Shape, work: Path, seed: int, env: dict) -> tuple[Path, 
     marker.unlink(missing_ok=True)
     print(f"[{shape.name}] writing the checkpoint to {folder}", flush=True)
     subprocess.run([sys.executable, __file__, "--generate", shape.name, "--into", str(folder), "--seed", str(seed)],
-                   env=env, check=True)
+                   env=env, cwd=env["PYTHONPATH"], check=True)
     info = json.loads((work / "models" / f"{shape.name}.written.json").read_text())
     (work / "models" / f"{shape.name}.written.json").unlink()
     info["spec"] = spec
@@ -645,11 +655,11 @@ def run_shape(shape: Shape, a, src: Path, env: dict) -> dict:
     yaml_path.write_text(yaml_text)
     cli = [sys.executable, "-m", "compress.cli"]
 
-    plan_txt = subprocess.run([*cli, "plan", str(yaml_path)], env=env, capture_output=True, text=True)
-    plan_num = subprocess.run([sys.executable, __file__, "--plan-json", str(yaml_path)], env=env, capture_output=True,
-                              text=True, check=True)
+    plan_txt = subprocess.run([*cli, "plan", str(yaml_path)], env=env, cwd=src, capture_output=True, text=True)
+    plan_num = subprocess.run([sys.executable, __file__, "--plan-json", str(yaml_path)], env=env, cwd=src,
+                              capture_output=True, text=True, check=True)
     plans = json.loads(plan_num.stdout.strip().splitlines()[-1])
-    dry = subprocess.run([*cli, "run", str(yaml_path), "--out", str(out_root), "--dry-run"], env=env,
+    dry = subprocess.run([*cli, "run", str(yaml_path), "--out", str(out_root), "--dry-run"], env=env, cwd=src,
                          capture_output=True, text=True)
     refused = dry.returncode != 0
     force = refused and not a.no_force
@@ -659,10 +669,11 @@ def run_shape(shape: Shape, a, src: Path, env: dict) -> dict:
         "pipeline_yaml": yaml_text, "nsamples": a.nsamples, "seq_len": a.seq_len,
         "plan": {"text": plan_txt.stdout.strip(), "rc": plan_txt.returncode, **plans},
         "dry_run": {"rc": dry.returncode, "output": (dry.stdout + dry.stderr).strip()[-2000:]},
-        "forced": force, "src": str(src), "git": git_state(src),
+        "forced": force, "src": str(src), "git": git_state(src), "compress_imported_from": check_src(src, env),
         "commands": {
-            "plan": f"compress plan {yaml_path}",
-            "run": f"/usr/bin/time -v compress run {yaml_path} --out {out_root} --quiet" + (" --force" if force else ""),
+            "plan": f"cd {src} && PYTHONPATH={src} python -m compress.cli plan {yaml_path}",
+            "run": f"cd {src} && PYTHONPATH={src} /usr/bin/time -v python -m compress.cli run {yaml_path} --out {out_root} "
+                   "--quiet" + (" --force" if force else ""),
         },
         "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -936,8 +947,10 @@ def main(argv=None) -> None:
     if a.render_only:
         path = a.out / "scale.json"
         results = json.loads(path.read_text())
+        if not a.label:
+            ap.error("--render-only needs --label")
         if a.note:
-            results.setdefault("notes", {})[a.label or "before"] = a.note
+            results.setdefault("notes", {})[a.label] = a.note
         results["generator"] = GENERATOR_NOTE
         path.write_text(json.dumps(results, indent=1, default=str) + "\n")
         (a.out / "scale.md").write_text(render(results))
@@ -950,6 +963,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     src = a.src.resolve()
     env = child_env(src)
+    check_src(src, env)
     git = git_state(src)
     a.label = a.label or (git["commit"] or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
     with open("/proc/meminfo") as f:

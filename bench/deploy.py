@@ -8,16 +8,22 @@ tokens after BOS + evaluate.DECODE_PROMPT (prefill included, after a warmup), th
 
 Models:
     hf-float32        transformers, float32 (the reference)
+    hf-bfloat16       transformers, the same weights cast to bfloat16 (computed in bfloat16)
     gguf-f16          our f16 GGUF of it (norms f32)
-    llama-q4_0        llama.cpp's llama_model_quantize(gguf-f16, Q4_0): its default mixture, no imatrix
+    llama-q8_0, llama-q4_0, llama-q4_k_m
+                      llama.cpp's llama_model_quantize(gguf-f16, TYPE): its default mixtures, no imatrix
     torch-gptq-g32    compress gptq {bits: 4, group_size: 32, sym: true, act_order: false}, 32 x 512 calibration
                       tokens of the Austen train split (seed 0), evaluated in torch (QuantLinear, float32 compute)
     gguf-gptq-q4_0    that model's codes and fp16 scales re-encoded as Q4_0 (no second rounding)
-    torch-rtn-asym    compress gptq {method: rtn, bits: 4, group_size: 32, sym: false}, in torch
-    gguf-rtn-asym-q4_1  that model re-encoded as Q4_1 (the one rounding: m = fp16(-scale * zero))
+    torch-gptq-asym-g32, gguf-gptq-q4_1
+                      the same with sym: false, re-encoded as Q4_1 (the one rounding: m = fp16(-scale * zero))
 
-    python bench/deploy.py              # writes bench/results/deploy-draft.json (80 min with load ~8 on 2 cores)
+Mind the trap: the zoo's SmolLM2 weights were dequantized from a Q4_1 GGUF, so any asymmetric group-32 grid
+(Q4_1, gptq-asym) finds them nearly on its grid and is flattered; quantizers are compared at Q4_0.
+
+    python bench/deploy.py              # writes bench/results/deploy.json and deploy.md
     python bench/deploy.py speed        # only decode_one_thread, from the files the full run left in DEPLOY_WORK
+    python bench/deploy.py render       # deploy.md from deploy.json
 
 Decode speed twice: at the evaluation's thread count (2 here) inside the full run, and `decode_one_thread`: every
 model at 1 thread, 5 runs each, interleaved round robin so all see the same background load. On a shared,
@@ -36,9 +42,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "results" / "deploy-draft.json"
+OUT = REPO / "bench" / "results" / "deploy.json"
 SOURCE = "zoo:austen"
 SEQ_LEN, MAX_TOKENS, NEW_TOKENS, SPEED_RUNS = 512, 20480, 32, 3
+LLAMA_TYPES = ("q8_0", "q4_0", "q4_k_m")
 # measured once on this machine (`time nice -n 10 pip install llama-cpp-python`, CMAKE_BUILD_PARALLEL_LEVEL=2)
 BUILD = {"package": "llama-cpp-python==0.3.36", "wall_seconds": 556.7, "user_cpu_seconds": 499.8,
          "system_cpu_seconds": 36.7, "exit_code": 0,
@@ -90,35 +97,34 @@ def main() -> None:
     f16 = work / "smollm2-f16.gguf"
     models["gguf-f16"] = {"write": write_gguf(base, tok, f16, type="f16", name="SmolLM2-135M-Instruct")}
     log(f"f16 written: {models['gguf-f16']['write']}")
-    q4_llama = work / "smollm2-llama-q4_0.gguf"
-    t0 = time.perf_counter()
-    llamacpp.quantize_file(f16, q4_llama, "q4_0", threads=threads)
-    models["llama-q4_0"] = {"write": {"path": str(q4_llama), "bytes": q4_llama.stat().st_size,
-                                      "seconds": round(time.perf_counter() - t0, 2), "tensors": _types(q4_llama)}}
+    llama_files = {}
+    for t in LLAMA_TYPES:
+        path = llama_files[f"llama-{t}"] = work / f"smollm2-llama-{t}.gguf"
+        t0 = time.perf_counter()
+        llamacpp.quantize_file(f16, path, t, threads=threads)
+        models[f"llama-{t}"] = {"write": {"path": str(path), "bytes": path.stat().st_size,
+                                          "seconds": round(time.perf_counter() - t0, 2), "tensors": _types(path)}}
 
     calib = data.calibration_blocks(tok, SOURCE, 32, 512, seed=0)
     ctx = Context(device=torch.device("cpu"), seed=0, quiet=True, log=lambda m: None)
-    qmodel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    t0 = time.perf_counter()
-    gcfg = gptq.Config(method="gptq", bits=4, group_size=32, sym=True, act_order=False, nsamples=32, seq_len=512)
-    gstats = gptq.quantize_model(qmodel, gcfg, ctx, calib)
-    models["torch-gptq-g32"] = {"quant_seconds": round(time.perf_counter() - t0, 1),
-                                "bits_per_weight": gstats.get("bits_per_weight"),
-                                "config": {k: getattr(gcfg, k) for k in ("method", "bits", "group_size", "sym",
-                                                                         "act_order", "act_group_aware",
-                                                                         "damp_percent", "nsamples", "seq_len")}}
-    log(f"gptq done in {models['torch-gptq-g32']['quant_seconds']} s")
-    q4_ours = work / "smollm2-gptq-q4_0.gguf"
-    models["gguf-gptq-q4_0"] = {"write": write_gguf(qmodel, tok, q4_ours, type="q4_0", name="SmolLM2-135M-GPTQ")}
-    qmodel.float()
-
-    amodel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    acfg = gptq.Config(method="rtn", bits=4, group_size=32, sym=False)
-    gptq.quantize_model(amodel, acfg, ctx, None)
-    q41 = work / "smollm2-rtn-asym-q4_1.gguf"
-    models["gguf-rtn-asym-q4_1"] = {"write": write_gguf(amodel, tok, q41, type="q4_1", name="SmolLM2-135M-RTN")}
-    models["torch-rtn-asym"] = {"config": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False}}
-    amodel.float()
+    ours = {}
+    torch_models = {}
+    for sym, key, gtype in ((True, "gptq-g32", "q4_0"), (False, "gptq-asym-g32", "q4_1")):
+        qmodel = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        gcfg = gptq.Config(method="gptq", bits=4, group_size=32, sym=sym, act_order=False, nsamples=32, seq_len=512)
+        gstats = gptq.quantize_model(qmodel, gcfg, ctx, calib)
+        models[f"torch-{key}"] = {"quant_seconds": round(time.perf_counter() - t0, 1),
+                                  "bits_per_weight": gstats.get("bits_per_weight"),
+                                  "config": {k: getattr(gcfg, k) for k in ("method", "bits", "group_size", "sym",
+                                                                           "act_order", "act_group_aware",
+                                                                           "damp_percent", "nsamples", "seq_len")}}
+        log(f"{key} done in {models[f'torch-{key}']['quant_seconds']} s")
+        path = ours[f"gguf-gptq-{gtype}"] = work / f"smollm2-gptq-{gtype}.gguf"
+        models[f"gguf-gptq-{gtype}"] = {"write": write_gguf(qmodel, tok, path, type=gtype, name="SmolLM2-135M-GPTQ")}
+        torch_models[f"torch-{key}"] = qmodel.float()
+    bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    torch_models["hf-bfloat16"] = bf16
     log("files written")
 
     # --- the tokenizer as llama.cpp reads it
@@ -132,11 +138,10 @@ def main() -> None:
     # --- accuracy: one pass over the windows
     ids, scored, protocol = llamacpp.perplexity_windows(tok, SOURCE, SEQ_LEN, MAX_TOKENS)
     res["protocol"].update(protocol)
-    ggufs = {"gguf-f16": f16, "llama-q4_0": q4_llama, "gguf-gptq-q4_0": q4_ours, "gguf-rtn-asym-q4_1": q41}
+    ggufs = {"gguf-f16": f16, **llama_files, **ours}
     loaded = {k: llamacpp.GGUFModel(p, n_ctx=SEQ_LEN, n_threads=threads) for k, p in ggufs.items()}
     candidates = {k: g.logits for k, g in loaded.items()}
-    candidates["torch-gptq-g32"] = llamacpp.torch_logits(qmodel)
-    candidates["torch-rtn-asym"] = llamacpp.torch_logits(amodel)
+    candidates.update({k: llamacpp.torch_logits(m) for k, m in torch_models.items()})
     done = [0]
 
     def progress(rows):
@@ -159,7 +164,7 @@ def main() -> None:
         with llamacpp.GGUFModel(p, n_ctx=SEQ_LEN, n_threads=threads, logits_all=False) as g:
             runs = [g.decode_speed(prompt, NEW_TOKENS) for _ in range(SPEED_RUNS)]
         models[k]["decode_tokens_per_s"] = {"median": statistics.median(runs), "runs": runs}
-    for k, m in (("hf-float32", base), ("torch-gptq-g32", qmodel)):
+    for k, m in (("hf-float32", base), ("hf-bfloat16", bf16), ("torch-gptq-g32", torch_models["torch-gptq-g32"])):
         runs = [evaluate.decode_speed(m, tok, NEW_TOKENS, "cpu") for _ in range(SPEED_RUNS)]
         models[k]["decode_tokens_per_s"] = {"median": statistics.median(runs), "runs": runs}
     models["hf-float32"]["disk_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -167,7 +172,8 @@ def main() -> None:
     res["decode_one_thread"] = speed_one_thread(base, tok, ggufs)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    log(f"wrote {OUT}")
+    OUT.with_suffix(".md").write_text(render(res))
+    log(f"wrote {OUT} and {OUT.with_suffix('.md')}")
 
 
 def speed_one_thread(base, tok, ggufs: dict, runs: int = 5) -> dict:
@@ -207,11 +213,62 @@ def speed_only() -> None:
     folder = zoo.model_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ggufs = {"gguf-f16": work / "smollm2-f16.gguf", "llama-q4_0": work / "smollm2-llama-q4_0.gguf",
-             "gguf-gptq-q4_0": work / "smollm2-gptq-q4_0.gguf", "gguf-rtn-asym-q4_1": work / "smollm2-rtn-asym-q4_1.gguf"}
+    ggufs = {"gguf-f16": work / "smollm2-f16.gguf", **{f"llama-{t}": work / f"smollm2-llama-{t}.gguf" for t in LLAMA_TYPES},
+             "gguf-gptq-q4_0": work / "smollm2-gptq-q4_0.gguf", "gguf-gptq-q4_1": work / "smollm2-gptq-q4_1.gguf"}
     res = json.loads(OUT.read_text())
     res["decode_one_thread"] = speed_one_thread(base, tok, ggufs)
     OUT.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    OUT.with_suffix(".md").write_text(render(res))
+
+
+ORDER = ("hf-float32", "hf-bfloat16", "gguf-f16", "llama-q8_0", "llama-q4_k_m", "llama-q4_0", "gguf-gptq-q4_0",
+         "torch-gptq-g32", "gguf-gptq-q4_1", "torch-gptq-asym-g32")
+
+
+def render(res: dict) -> str:
+    """bench/results/deploy.md: one table of every model, then what the acceptance asks, as measured ratios."""
+    m, p, one = res["models"], res["protocol"], res.get("decode_one_thread", {}).get("models", {})
+    ref_bytes = m["hf-float32"].get("disk_bytes")
+    lines = [
+        "# Deploy: SmolLM2-135M in llama.cpp (GGUF) against transformers", "",
+        f"Written by [`bench/deploy.py`](../deploy.py) (its docstring holds the protocol). Perplexity, KLD and top-1 on "
+        f"the {p['source']} {p['split']} split: {p['n_windows']} windows of {p['seq_len']} tokens (BOS first), "
+        f"{m['hf-float32']['accuracy']['n_tokens']} scored tokens, float32 logits from each runtime; KLD = mean "
+        "KL(P_float32 || P_model) in nats per token, top-1 = share of positions whose argmax equals float32's. "
+        f"Decode: greedy at batch 1, {NEW_TOKENS} new tokens, median of {one and res['decode_one_thread']['runs_per_model']} "
+        "runs at 1 thread, all models interleaved. "
+        f"Load average {[round(x, 1) for x in res['env']['load_avg_start']]} at the start, "
+        f"{[round(x, 1) for x in res['env']['load_avg_end']]} at the end; llama-cpp-python "
+        f"{res['env']['llama_cpp_python']} (built here in {res['llama_cpp_python_build']['wall_seconds'] / 60:.0f} min), "
+        f"torch {res['env']['torch']}.", "",
+        "| model | runtime | bytes | perplexity | KLD | top-1 | decode tok/s (1 thread) |",
+        "|---|---|---|---|---|---|---|"]
+    for k in ORDER:
+        if k not in m:
+            continue
+        a = m[k].get("accuracy", {})
+        size = m[k].get("write", {}).get("bytes") or (m[k].get("disk_bytes") if k == "hf-float32" else None)
+        speed = one.get(k, {}).get("median")
+        lines.append(f"| {k} | {'llama.cpp' if k.startswith(('gguf', 'llama')) else 'transformers'} | "
+                     f"{f'{size / 1e6:.1f} MB' if size else '-'} | {a.get('perplexity', float('nan')):.3f} | "
+                     f"{a.get('kld', 0.0):.4f} | {a.get('top1', 1.0):.1%} | {f'{speed:.1f}' if speed else '-'} |")
+    ours, theirs = m["gguf-gptq-q4_0"], m["llama-q4_0"]
+    lines += ["", "Acceptance, as measured:", "",
+              f"- our gptq -> Q4_0 against llama.cpp's Q4_0 of the same model, same llama.cpp: KLD "
+              f"{ours['accuracy']['kld']:.4f} vs {theirs['accuracy']['kld']:.4f} "
+              f"(x{ours['accuracy']['kld'] / theirs['accuracy']['kld']:.2f}), perplexity "
+              f"{ours['accuracy']['perplexity']:.3f} vs {theirs['accuracy']['perplexity']:.3f}, "
+              f"{ours['write']['bytes']:,} vs {theirs['write']['bytes']:,} bytes."]
+    if one.get("gguf-gptq-q4_0") and one.get("hf-float32"):
+        lines.append(f"- decode: gptq -> Q4_0 in llama.cpp {one['gguf-gptq-q4_0']['median']:.1f} tokens/s against "
+                     f"transformers float32 {one['hf-float32']['median']:.1f}: x"
+                     f"{one['gguf-gptq-q4_0']['median'] / one['hf-float32']['median']:.1f} (1 thread each).")
+    if ref_bytes:
+        lines.append(f"- size: {ours['write']['bytes'] / ref_bytes:.1%} of the float32 safetensors ({ref_bytes:,} bytes).")
+    lines += ["", "The Q4_1 rows are flattered: the zoo's weights were dequantized from a Q4_1 GGUF, so an asymmetric "
+              "group-32 grid finds them nearly on its grid. GPTQ's codes go into the GGUF unchanged (the gguf-gptq "
+              "rows match their torch-gptq twins up to llama.cpp's own float arithmetic)."]
+    return "\n".join(lines) + "\n"
 
 
 def _dist_version(name: str) -> str:
@@ -251,4 +308,9 @@ def _vs_original(ours: Path) -> dict:
 
 
 if __name__ == "__main__":
-    speed_only() if sys.argv[1:] == ["speed"] else main()
+    if sys.argv[1:] == ["speed"]:
+        speed_only()
+    elif sys.argv[1:] == ["render"]:
+        OUT.with_suffix(".md").write_text(render(json.loads(OUT.read_text())))
+    else:
+        main()

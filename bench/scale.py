@@ -556,8 +556,10 @@ def parse_time_v(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ a shape
 
 
-def pipeline_yaml(shape: Shape, model: str, nsamples: int, seq_len: int) -> str:
+def pipeline_yaml(shape: Shape, model: str, nsamples: int, seq_len: int, offload: str | None = None) -> str:
     lines = [f"name: scale-{shape.name}", f"model: {model}", "seed: 0", "data: {calibration: zoo:austen}"]
+    if offload:
+        lines.append(f"offload: {offload}")
     if shape.eval:
         lines.append("eval: {perplexity: [zoo:austen], seq_len: 512, max_tokens: 20480}")
     lines += ["stages:", f"  - gptq: {{bits: 4, group_size: 128, nsamples: {nsamples}, seq_len: {seq_len}}}"]
@@ -650,7 +652,7 @@ def run_shape(shape: Shape, a, src: Path, env: dict) -> dict:
     shutil.rmtree(rdir, ignore_errors=True)
     rdir.mkdir(parents=True)
     out_root = rdir / "out"
-    yaml_text = pipeline_yaml(shape, model_spec, a.nsamples, a.seq_len)
+    yaml_text = pipeline_yaml(shape, model_spec, a.nsamples, a.seq_len, a.offload)
     yaml_path = rdir / "pipeline.yaml"
     yaml_path.write_text(yaml_text)
     cli = [sys.executable, "-m", "compress.cli"]
@@ -908,6 +910,8 @@ def main(argv=None) -> None:
                     "source's git commit")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--offload", choices=["auto", "never", "always"], default=None,
+                    help="the pipeline's offload setting (default: none written, i.e. auto)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
     ap.add_argument("--work", type=Path, default=REPO.parent / "scale-data",
                     help="checkpoints, run folders and logs (outside the repository)")

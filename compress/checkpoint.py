@@ -31,6 +31,8 @@ from safetensors import SafetensorError
 
 from compress.errors import CompressError
 
+MAX_SHARD_BYTES = 2**30  # safetensors files of at most 1 GiB: saving holds one shard's bytes twice, not the model's
+
 WEIGHT_GLOBS = ("*.safetensors",)
 PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
@@ -40,6 +42,7 @@ class Format:
     name: str
     tolerance: float                       # max relative logit error the round-trip check accepts
     prepare: Callable | None = None        # (skeleton, quantization_config) -> None: swap modules before loading
+    empty_skeleton: bool = False           # build the skeleton's parameters on the meta device and load by assignment
 
 
 def _gptq_prepare(model, qc):
@@ -58,7 +61,7 @@ def _int8_prepare(model, qc):
 # (dequantized weights, int8 kernels) in a different order of operations, hence their looser bound.
 FORMATS = {
     "plain": Format("plain", tolerance=1e-5),
-    "gptq": Format("gptq", tolerance=1e-3, prepare=_gptq_prepare),
+    "gptq": Format("gptq", tolerance=1e-3, prepare=_gptq_prepare, empty_skeleton=True),
     "bnb-int8": Format("bnb-int8", tolerance=1e-2, prepare=_int8_prepare),
 }
 
@@ -154,7 +157,14 @@ def load(
 
 
 def _load_quantized(folder: Path, config: dict, fmt: Format, trust_remote_code: bool):
-    """Build the float skeleton from config, swap in the format's modules, then load the saved tensors."""
+    """Build the float skeleton from config, swap in the format's modules, then load the saved tensors.
+
+    With `fmt.empty_skeleton` the skeleton's parameters and the swapped-in modules' buffers are never allocated
+    (meta device; buffers such as rotary tables stay real) and the saved tensors are assigned, not copied: a
+    70B GPTQ checkpoint does not first build a 140 GB float16 model."""
+    import contextlib
+
+    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -163,14 +173,20 @@ def _load_quantized(folder: Path, config: dict, fmt: Format, trust_remote_code: 
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     dtype = _config_dtype(config)
-    model = auto_class(config).from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
-    fmt.prepare(model, qc)
+    empty = fmt.empty_skeleton
+    with init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext():
+        model = auto_class(config).from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if empty:
+        model.tie_weights()  # from_config leaves an empty skeleton untied
+    with init_empty_weights(include_buffers=True) if empty else contextlib.nullcontext():
+        fmt.prepare(model, qc)
     from_disk = _renamer(model, to_disk=False)
+    tied = _tied_keys(model)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update({from_disk(k): v for k, v in load_file(f).items()})
-    result = model.load_state_dict(state, strict=False)
-    tied = _tied_keys(model)
+    result = model.load_state_dict(state, strict=False, assign=empty)
+    del state
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise CompressError(
@@ -179,6 +195,9 @@ def _load_quantized(folder: Path, config: dict, fmt: Format, trust_remote_code: 
         )
     if tied:
         model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise CompressError(f"checkpoint {folder} left {len(left)} tensors unloaded, e.g. {left[0]}")
     model.config.quantization_config = qc
     return model
 
@@ -194,9 +213,12 @@ def _tied_keys(model) -> set[str]:
     save_pretrained does; loading one fills both."""
     seen, tied = set(), set()
     for key, t in model.state_dict(keep_vars=True).items():
-        if t.numel() == 0 or t.device.type == "meta":
+        if t.numel() == 0:
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.device.type == "meta":  # an empty skeleton: tied parameters are one object
+            ident = id(t)
+        else:
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if ident in seen:
             tied.add(key)
         seen.add(ident)
@@ -208,22 +230,20 @@ def _tied_keys(model) -> set[str]:
 
 def save(model, tokenizer, folder: str | Path) -> None:
     """Write safetensors + config.json (+ generation_config) + tokenizer into `folder` (created)."""
-    from safetensors.torch import save_file
-
     if is_adapted(model):
         return save_adapted(model, tokenizer, folder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     qc = getattr(model.config, "quantization_config", None)
     if qc is None:
-        model.save_pretrained(folder, safe_serialization=True, max_shard_size="4GB")
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD_BYTES)
     else:
         # Quantized modules hold packed buffers that save_pretrained's quantizer hooks do not know; write the
         # state dict ourselves (tied duplicates dropped, contiguous CPU tensors) and the config with qc in it.
         tied = _tied_keys(model)
         to_disk = _renamer(model, to_disk=True)
         state = {to_disk(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied}
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        _save_sharded(state, folder)
         cfg = model.config.to_dict()
         cfg["quantization_config"] = dict(qc) if not isinstance(qc, dict) else qc
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
@@ -231,6 +251,32 @@ def save(model, tokenizer, folder: str | Path) -> None:
             model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def _save_sharded(state: dict, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `state` as safetensors shards of at most `max_shard_bytes` (one tensor may exceed it), with the
+    model.safetensors.index.json that transformers and vLLM read; one file model.safetensors when it fits.
+    safetensors serializes a file's tensors as one buffer, so the shard size bounds the extra memory of saving."""
+    from safetensors.torch import save_file
+
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    if len(shards) == 1:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, part in zip(names, shards):
+        save_file(part, folder / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _renamer(model, to_disk: bool):
@@ -345,13 +391,24 @@ def round_trip(model, folder: Path, device, trust_remote_code: bool = False,
     Returns the check's record and the reloaded model (what the pipeline evaluates: the checkpoint as saved),
     with any weight cache the check's forward built dropped, so it is as a fresh load. onload: both models stay on
     the host and run one block at a time on `device` (a model bigger than the device)."""
+    return check_reload(folder, reference_outputs(model, device, onload), device, trust_remote_code, onload)
+
+
+def reference_outputs(model, device, onload: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probe ids, the in-memory model's outputs on them): the first half of the round trip, so that the caller can
+    let go of the model before the reload (two copies of a large model need not be resident at once)."""
+    ids = probe_input(model)
+    return ids, outputs(model, ids, device if onload else None)
+
+
+def check_reload(folder: Path, reference: tuple[torch.Tensor, torch.Tensor], device, trust_remote_code: bool = False,
+                 onload: bool = False) -> tuple[dict, torch.nn.Module]:
+    """The second half of the round trip: reload `folder` and compare its outputs with `reference`."""
     config = check_folder(folder)
     fmt = FORMATS[format_of(config)]
-    ids = probe_input(model)
-    to = device if onload else None
-    expected = outputs(model, ids, to)
+    ids, expected = reference
     reloaded, _ = load(folder, device="cpu" if onload else device, trust_remote_code=trust_remote_code)
-    err = max_rel_error(expected, outputs(reloaded, ids, to))
+    err = max_rel_error(expected, outputs(reloaded, ids, device if onload else None))
     drop_caches(reloaded)
     if not err <= fmt.tolerance:  # also catches NaN
         raise CompressError(

@@ -70,7 +70,10 @@ def _log(msg: str) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--until", "until", default=None, metavar="STAGE",
               help="Stop after this stage (its name, NN-name, or base); a later run goes on from there.")
-def run(pipeline_file, out, force, dry_run, quiet, until):
+@click.option("--memory", "memory_gb", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="Plan for this much device memory instead of what the device has (with `offload: auto`, steps "
+              "that do not fit run one block at a time).")
+def run(pipeline_file, out, force, dry_run, quiet, until, memory_gb):
     """Run a pipeline YAML: every stage -> checkpoint + manifest.json.
 
     \b
@@ -80,6 +83,7 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
       compress run my.yaml --dry-run                 # validate only, load nothing
       compress run my.yaml --force                   # redo finished stages
       compress run my.yaml --until gptq              # base ... gptq only; rerun to go on
+      compress run my.yaml --memory 8                # plan for 8 GB: what does not fit is onloaded
 
     A rerun skips stages whose input and config are unchanged (it says so); a stage that was interrupted
     is redone, the stages before it are kept. On a CPU with little RAM, one process per stage keeps each
@@ -98,10 +102,11 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
     _quiet_libraries()
     pipe = config.load(pipeline_file)
     pipeline.stage_position(pipe, until)  # an unknown --until fails here, before anything is loaded
+    budget = None if memory_gb is None else int(memory_gb * 2**30)
     if dry_run:
         source = pipeline.source_of(pipe)
         pipeline.check_inputs(pipe)
-        planner.refuse_if_too_big(pipe, source.config, memory.machine(pipeline.pick_device(pipe.device)), force=force)
+        planner.refuse_if_too_big(pipe, source.config, pipeline.planned_device(pipe, budget), force=force)
         click.echo(f"ok: {pipe.name}: model {pipe.model}, {len(pipe.stages)} stage(s): "
                    + ", ".join(f"{s.folder} ({s.type} from {s.source})" for s in pipe.stages))
         return
@@ -110,7 +115,8 @@ def run(pipeline_file, out, force, dry_run, quiet, until):
         word = {"done": "done", "skipped": "skipped (up to date)", "re-evaluated": "re-evaluated (eval changed)"}
         _log(f"[{res.folder}] {word[res.status]}")
 
-    results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show, until=until)
+    results = pipeline.run(pipe, out_root=out, force=force, log=_log, quiet=quiet, on_result=show, until=until,
+                           memory_budget=budget)
     from compress.distributed import is_main_process
 
     if not is_main_process():  # `accelerate launch`: the main process prints the summary

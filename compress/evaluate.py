@@ -153,6 +153,18 @@ def upcast_float16_on_cpu(model, device) -> str | None:
     return "float16"
 
 
+def _upcast_onloaded(model, device) -> str | None:
+    """upcast_float16_on_cpu's decision for a model evaluated a block at a time: it then computes each block in
+    float32 as it runs (compress.onload.computed_in), with no float32 copy of the whole model."""
+    if torch.device(device).type != "cpu" or _quant_method(model) not in (None, "gptq"):
+        return None
+    return "float16" if any(p.dtype == torch.float16 for p in model.parameters()) else None
+
+
+def _upcast_dtype(model, device) -> torch.dtype | None:
+    return torch.float32 if _upcast_onloaded(model, device) else None
+
+
 def run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool = False) -> dict:
     """Evaluate `model` (already on `device`, or with `onload` on the host, run one block at a time on `device`)
     under `cfg`: {"accuracy": {...}, "speed": {...}}.
@@ -175,7 +187,7 @@ def run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool
 
 
 def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: bool = False) -> dict:
-    stored = None if onload else upcast_float16_on_cpu(model, device)
+    stored = _upcast_onloaded(model, device) if onload else upcast_float16_on_cpu(model, device)
     kind = model_kind(model)
     meter = _Throughput(device)
     accuracy: dict = {}
@@ -208,7 +220,7 @@ def _run(model, tokenizer, cfg: EvalConfig, device, base_model=None, onload: boo
                 "eval": meter.what, "eval_tokens": meter.tokens, "batch_size": cfg.batch_size,
                 "decode_tokens": cfg.decode_tokens if kind == "causal" and not onload else None, "decode_batch": 1,
                 "onload": onload,
-                "dtype": _dtype(model), "device": str(device),
+                "dtype": _dtype(model, device, onload), "device": str(device),
             }
     finally:
         for m, training in modes:
@@ -239,7 +251,10 @@ def model_kind(model) -> str:
     return "bare"
 
 
-def _dtype(model) -> str:
+def _dtype(model, device=None, onload: bool = False) -> str:
+    """The dtype the model computes in (onloaded float16 on a CPU: float32, as a whole upcast model)."""
+    if onload and _upcast_onloaded(model, device):
+        return "float32"
     return str(getattr(model, "dtype", next(model.parameters()).dtype)).removeprefix("torch.")
 
 
@@ -368,8 +383,8 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
 
             t0 = time.perf_counter()
             batches = [inputs[i:i + cfg.batch_size] for i in starts]
-            logits = (out for _, out in ol.logits_by_block(model, batches, device))
-            refs = (out for _, out in ol.logits_by_block(reference, batches, device)) \
+            logits = (out for _, out in ol.logits_by_block(model, batches, device, _upcast_dtype(model, device)))
+            refs = (out for _, out in ol.logits_by_block(reference, batches, device, _upcast_dtype(reference, device))) \
                 if reference is not None and reference is not model else None
         else:
             if meter is not None:  # untimed warmup (allocator, kernels) so throughput reflects steady state
@@ -398,7 +413,7 @@ def perplexity(model, tokenizer, spec: str, cfg: EvalConfig, device, meter: _Thr
         "source": spec, "split": "test", "fingerprint": data.fingerprint(data.split_texts(spec, "test")),
         "tokenizer": data.tokenizer_fingerprint(tokenizer)[:16],
         "seq_len": cfg.seq_len, "stride": step, "bos": cfg.bos, "max_tokens": cfg.max_tokens,
-        "n_tokens": n, "n_windows": len(ids), "dtype": _dtype(model), "device": str(device),
+        "n_tokens": n, "n_windows": len(ids), "dtype": _dtype(model, device, onload), "device": str(device),
     }
     if kind == "masked":
         protocol.update(mask_rate=MLM_MASK_RATE, mask_seed=MLM_MASK_SEED)

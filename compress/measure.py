@@ -235,6 +235,7 @@ class PeakMemory:
             self.peak = _read_status("VmHWM")
             self.measured_bytes = max(0, self.peak - self.before)
         self._pinned = []
+        self.model = None  # the caller decides how long the model lives
         return False
 
 

@@ -570,6 +570,7 @@ class Parts:
     out: ModelState
     notes: list = field(default_factory=list)
     loads: tuple = ()                 # libraries the stage imports into the process (they stay: see Where.loaded)
+    host: dict | None = None          # onloaded on a GPU: what the host holds meanwhile (terms); None: nothing planned
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from compress import measure
 from compress.errors import CompressError
 
 try:  # GPT-2 style models use a transposed linear
@@ -311,6 +312,10 @@ class _Recorder(nn.Module):
 
 
 @torch.no_grad()
+def _stop(module, args):
+    raise StopForward
+
+
 def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> list[dict]:
     """For each batch of token ids: {"hidden": block 0's input, "args": [per block (extra args, kwargs)]}.
 
@@ -327,11 +332,20 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
     arity = len(out) if isinstance(out, (tuple, list)) else None
     recorders = nn.ModuleList([_Recorder(arity) for _ in layers])
     set_submodule(model, layers_name, recorders)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    stop = head.register_forward_pre_hook(_stop) if head is not None else None  # every block's inputs are known there
     try:
         with no_kv_cache(model), outside_on(model, layers_name, device):
             for ids in batches:
-                model(input_ids=ids.to(device))
+                try:
+                    model(input_ids=ids.to(device))
+                except StopForward:
+                    pass
     finally:
         set_submodule(model, layers_name, layers)
+        if stop is not None:
+            stop.remove()
+        if torch.device(device).type == "cpu":  # a memory-mapped input: give back the embedding rows the tokens read
+            measure.page_out_mapped([t for n, t in model.state_dict().items() if not n.startswith(layers_name + ".")])
     return [{"hidden": recorders[0].seen[b][0], "args": [(r.seen[b][1], r.seen[b][2]) for r in recorders]}
             for b in range(len(batches))]

@@ -30,14 +30,16 @@ from compress.modeling import block_output, capture_block_inputs, decoder_layers
 
 
 @contextlib.contextmanager
-def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def onloaded(module: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
     """`module` on `device` for the block, then back where it was; on a CPU, its memory-mapped pages paged out and
-    its caches (dequantized GPTQ weights) dropped, so only the block that runs is resident."""
+    its caches (dequantized GPTQ weights) dropped, so only the block that runs is resident. compute_dtype: its
+    float16 tensors computed in that dtype meanwhile (see `computed_in`)."""
     device = torch.device(device)
     home = next(module.parameters(), torch.empty(0)).device
     module.to(device)
     try:
-        yield module
+        with computed_in([*module.parameters(), *module.buffers()], compute_dtype):
+            yield module
     finally:
         module.to(home)
         for m in module.modules():
@@ -45,6 +47,29 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
                 m.clear_cache()
         if home.type == "cpu":
             measure.page_out_mapped(list(module.state_dict().values()))
+
+
+@contextlib.contextmanager
+def computed_in(tensors: list, dtype: torch.dtype | None) -> Iterator[None]:
+    """The float16 ones of `tensors` hold float32 (or `dtype`) copies while inside, their own data again after:
+    a float16 model computed in float32 on a CPU (evaluate.upcast_float16_on_cpu) a block at a time, with
+    nothing of the copies kept. None: nothing changes."""
+    swapped = []
+    if dtype is not None:
+        for t in {id(t): t for t in tensors}.values():
+            if t.dtype == torch.float16 and dtype != torch.float16:
+                swapped.append((t, t.data))
+                t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t, data in swapped:
+            t.data = data
+
+
+def _outside(model: nn.Module, layers_name: str) -> list:
+    """The tensors of `model` outside its block list (embeddings, final norm, head, rotary tables)."""
+    return [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(layers_name + ".")]
 
 
 class _Replay(nn.Module):
@@ -59,21 +84,24 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
-def logits_by_block(model: nn.Module, batches: list[torch.Tensor], device, **kwargs) -> Iterator[tuple[int, torch.Tensor]]:
-    """(batch index, logits) of each batch of token ids [B, T], computed one block at a time on `device`."""
+def logits_by_block(model: nn.Module, batches: list[torch.Tensor], device, compute_dtype: torch.dtype | None = None,
+                    **kwargs) -> Iterator[tuple[int, torch.Tensor]]:
+    """(batch index, logits) of each batch of token ids [B, T], computed one block at a time on `device`;
+    compute_dtype: float16 tensors computed in it (float32 on a CPU, as evaluate computes float16 models)."""
     device = torch.device(device)
     layers_name, layers = decoder_layers_with_name(model)
-    inputs = capture_block_inputs(model, batches, device)            # per batch: block 0's hidden, every block's args
+    with computed_in(_outside(model, layers_name), compute_dtype):
+        inputs = capture_block_inputs(model, batches, device)        # per batch: block 0's hidden, every block's args
     hidden = [x["hidden"] for x in inputs]
     outputs: list = []
     for i, block in enumerate(layers):
-        with onloaded(block, device):
+        with onloaded(block, device, compute_dtype):
             outputs = [block(h, *x["args"][i][0], **x["args"][i][1]) for h, x in zip(hidden, inputs)]
         hidden = [block_output(o) for o in outputs]
     replay = _Replay(outputs)
     set_submodule(model, layers_name, nn.ModuleList([replay]))
     try:
-        with outside_on(model, layers_name, device):
+        with outside_on(model, layers_name, device), computed_in(_outside(model, layers_name), compute_dtype):
             for b, ids in enumerate(batches):
                 replay.batch = b
                 yield b, model(input_ids=ids.to(device), use_cache=False, **kwargs).logits

@@ -16,6 +16,7 @@ is redone. Several processes (`accelerate launch`): see compress/distributed.py.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -60,6 +61,12 @@ def pick_device(setting: str) -> torch.device:
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError(f"device {setting!r} requested but no CUDA device is available")
     return torch.device(setting)
+
+
+def planned_device(pipe: Pipeline, budget: int | None = None, device=None) -> memory.Device:
+    """The device the plan is checked against: the one the run computes on, or `budget` bytes of its kind."""
+    dev = memory.machine(device if device is not None else pick_device(pipe.device))
+    return dev if budget is None else memory.Device(f"{dev.name} limited to {memory.fmt_bytes(budget)}", dev.kind, budget)
 
 
 def source_of(pipe: Pipeline, weights: bool = True) -> sources.Source:
@@ -133,6 +140,7 @@ def run(
     quiet: bool = False,
     on_result: Callable[[StageResult], None] | None = None,
     until: str | None = None,
+    memory_budget: int | None = None,
 ) -> list[StageResult]:
     """Run every stage of `pipe` into <out_root>/<name>/, skipping what is already done; see module doc.
 
@@ -140,6 +148,8 @@ def run(
     touched, and a later run picks them up. Running a pipeline once per stage this way gives every stage a
     fresh process (on a CPU: none of the heap earlier stages left behind).
     Under `accelerate launch` (several processes) every process calls this (compress/distributed.py).
+    `memory_budget` (bytes): plan as if the device had this much memory (auto offload then onloads what does not
+    fit in it).
     """
     stop = stage_position(pipe, until)
     if until is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -152,8 +162,8 @@ def run(
         measure.fixed_mmap_threshold()  # RSS then follows live tensors: peaks mean what the planner means
     onload: dict[int, bool] = {}
     if ranks.main:  # before anything is written: a refused run leaves nothing behind
-        plans = planner.refuse_if_too_big(pipe, source.config, memory.machine(ranks.device), force=force,
-                                          fsdp=fsdp_processes())
+        plans = planner.refuse_if_too_big(pipe, source.config, planned_device(pipe, memory_budget, ranks.device),
+                                          force=force, fsdp=fsdp_processes())
         onload = {p.index: p.onload for p in plans}
         _check_writable(out)
         _clean_partials(out)
@@ -302,7 +312,7 @@ class _Runner:
             trust_remote_code=self.pipe.trust_remote_code, log=self.log, quiet=self.quiet, out_dir=out_dir,
             eval=self.pipe.eval, onload=onload,
         )
-        predicted = planner.predict_for_run(self.pipe, spec, model, fsdp_processes())
+        predicted = planner.predict_for_run(self.pipe, spec, model, fsdp_processes(), onload, self.device)
         t0 = manifest.now()
         with measure.PeakMemory(self.device, model, resident=not onload) as pm:
             model, stats = spec.module.run(model, tok, spec.config, ctx)
@@ -321,10 +331,13 @@ class _Runner:
         tmp = self._tmp(folder)
         checkpoint.save(built.model, built.tokenizer, tmp)
         self.log(f"[{folder.name}] saved; checking the reload")
-        rt, reloaded = checkpoint.round_trip(built.model, tmp, self.device, self.pipe.trust_remote_code, built.onload)
+        reference = checkpoint.reference_outputs(built.model, self.device, built.onload)
         size = manifest.size_of(built.model, tmp)
         mem = self._memory(built, manifest.weights_bytes(built.model))
-        built.model = None  # the reloaded copy is what gets evaluated (and what a user loads)
+        built.model = None  # let go before the reload: the reloaded copy is what gets evaluated (and what a user loads)
+        gc.collect()
+        measure.release_free_heap()
+        rt, reloaded = checkpoint.check_reload(tmp, reference, self.device, self.pipe.trust_remote_code, built.onload)
         m = Manifest(
             **identity, folder=folder.name, eval_hash=self.eval_hash, output_hash=checkpoint.content_hash(tmp),
             format=rt.pop("format"), size=size, memory=mem, round_trip=rt, stats=built.stats,

@@ -40,6 +40,8 @@ class StagePlan:
     eval_growth_bytes: int | None = None   # evaluating the output (pipeline eval block), over its weights
     eval_peak_bytes: int | None = None
     onload: bool = False          # planned with the input on the host, one block at a time on the device
+    host_peak_bytes: int | None = None  # onloaded on a GPU: host memory at the step's peak (process included)
+    host_breakdown: dict = field(default_factory=dict)
     output_state: ModelState | None = field(default=None, repr=False, compare=False)  # flows into the next stage
     loads: tuple = field(default=(), repr=False, compare=False)  # libraries the stage imports (memory.Parts.loads)
 
@@ -110,6 +112,9 @@ def predict_stage(module, cfg, state: ModelState, *, name: str | None = None, in
                      growth_bytes=growth, breakdown=breakdown, index=index, device_kind=kind,
                      allocated_bytes=allocated, output_weights_bytes=parts.out.weights_bytes(), output_state=parts.out,
                      loads=tuple(parts.loads), onload=onload)
+    if parts.host is not None and kind == "cuda":
+        plan.host_breakdown = {**parts.host, "process overhead": overhead("cpu")}
+        plan.host_peak_bytes = int(sum(plan.host_breakdown.values()))
     if eval_cfg is not None and getattr(module, "WRITES_CHECKPOINT", True):  # what the pipeline then evaluates
         ref = states.get("base") if module is not None else None  # compared with the base (agreement, KL)
         plan.eval_growth_bytes = int(sum(evaluate.predict_memory(parts.out, eval_cfg, kind, ref, onload).values()))
@@ -188,13 +193,16 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
     """A fixed-width table for `compress plan`: one row per stage, then the advice of stages that do not fit."""
     dev = memory.resolve_device(device)
     head = ["#", "stage", "name", "weights in", "growth", "peak", "eval peak", "weights out", "fits", "spare"]
+    hosts = any(p.host_peak_bytes is not None for p in plans)
+    if hosts:
+        head.append("host peak")
     rows = []
     for p in plans:
         fits = "-" if p.fits is None else ("yes" if p.fits else "NO") + (", onloaded" if p.onload else "")
         spare = fmt_bytes(dev.bytes - max(p.peak_bytes, p.eval_peak_bytes or 0)) if dev else "-"
         rows.append([f"{p.index:02d}", p.stage, p.name, fmt_bytes(p.weights_bytes), fmt_bytes(p.growth_bytes),
                      fmt_bytes(p.peak_bytes), fmt_bytes(p.eval_peak_bytes), fmt_bytes(p.output_weights_bytes), fits,
-                     spare])
+                     spare] + ([fmt_bytes(p.host_peak_bytes) if p.host_peak_bytes is not None else "-"] if hosts else []))
     widths = [max(len(str(r[c])) for r in [head, *rows]) for c in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if c >= 3 else str(v).ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
     out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
@@ -204,7 +212,9 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
                f"({fmt_bytes(overhead(kind))}); growth = extra over the resident input model"
                + (f"; device {dev.name}: {fmt_bytes(dev.bytes)}" if dev else "")
                + ("; onloaded: the input stays on the host, one block at a time on the device (offload: never turns "
-                  "it off)" if any(p.onload for p in plans) else ""))
+                  "it off)" if any(p.onload for p in plans) else "")
+               + ("; host peak: host memory of an onloaded step (packed output, cast weights, a block in transit)"
+                  if hosts else ""))
     for p in plans:
         if p.advice:
             out.append(f"{p.index:02d}-{p.name} does not fit:")
@@ -231,7 +241,7 @@ def refuse_if_too_big(pipe, model_config: Any, device: memory.Device, force: boo
 # Predictions for a run, from the loaded model (stored in the manifest next to what was measured)
 
 
-def predict_for_run(pipe, spec, model, fsdp: int = 1) -> int:
+def predict_for_run(pipe, spec, model, fsdp: int = 1, onload: bool = False, device=None) -> int:
     """Predicted growth of one pipeline stage from its loaded input model (compress.pipeline calls this): the
     manifest's memory.predicted_peak_bytes. A distillation teacher other than the input is taken to be the size
     of the input (its config is not at hand here)."""
@@ -240,9 +250,9 @@ def predict_for_run(pipe, spec, model, fsdp: int = 1) -> int:
     state = memory.state_from_model(model)
     states = {spec.source: state, "base": state}
     loaded = {lib for lib in ("bitsandbytes",) if lib in sys.modules}
-    device = memory.machine(next(model.parameters()).device)
+    device = memory.machine(device if device is not None else next(model.parameters()).device)
     return predict_stage(spec.module, spec.config, state, device=device, states=states, data=pipe.data or {},
-                         loaded=loaded, fsdp=fsdp).growth_bytes
+                         loaded=loaded, fsdp=fsdp, onload=onload).growth_bytes
 
 
 def predict_eval_for_run(eval_cfg, model, reference=None, onload: bool = False) -> int:

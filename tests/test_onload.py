@@ -3,6 +3,8 @@ every family (and on a GPTQ model), and leaves the model as it was."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -113,3 +115,98 @@ def test_every_block_gets_its_own_mask_and_rotary_table():
     rope = [kw["position_embeddings"][0] for _, kw in captured["args"]]
     assert not torch.equal(rope[full], rope[sliding])
     assert all(rope[i] is rope[sliding] for i, t in enumerate(types) if t == "sliding_attention")  # shared, not copied
+
+
+def _gptq_pipeline(tmp_path, folder, text_file, offload: str):
+    from conftest import write_pipeline
+
+    return write_pipeline(tmp_path, f"""
+name: q-{offload}
+model: {folder}
+offload: {offload}
+data: {{calibration: {text_file}}}
+eval: {{perplexity: [{text_file}], seq_len: 64, max_tokens: 256, speed: false}}
+stages:
+  - gptq: {{bits: 4, group_size: 32, nsamples: 4, seq_len: 64}}
+""", f"q-{offload}.yaml")
+
+
+def test_onloaded_gptq_writes_the_codes_of_a_whole_model_run(tmp_path, tiny_llama, text_file):
+    """offload: always quantizes from the memory-mapped input one block at a time: the same checkpoint, tensor for
+    tensor, and the same numbers as a whole-model run."""
+    from safetensors.torch import load_file
+
+    from compress import checkpoint, config, manifest, pipeline
+
+    model, tok = tiny_llama
+    checkpoint.save(model, tok, tmp_path / "model")
+    runs = {}
+    for offload in ("never", "always"):
+        pipeline.run(config.load(_gptq_pipeline(tmp_path, tmp_path / "model", text_file, offload)),
+                     out_root=tmp_path / "runs", log=lambda m: None, quiet=True)
+        runs[offload] = tmp_path / "runs" / f"q-{offload}" / "01-gptq"
+    whole, onl = (load_file(runs[k] / "model.safetensors") for k in ("never", "always"))
+    assert sorted(whole) == sorted(onl) and any(k.endswith("qweight") for k in whole)
+    assert all(torch.equal(whole[k], onl[k]) for k in whole)
+    a, b = manifest.read(runs["never"]), manifest.read(runs["always"])
+    assert a["accuracy"] == b["accuracy"]
+    configs = [json.loads((runs[k] / "config.json").read_text()) for k in ("never", "always")]
+    for c in configs:
+        c.pop("_name_or_path")  # the input's path: 00-base (a copy) or the model folder itself (onloaded)
+    assert configs[0] == configs[1]
+
+
+def test_a_model_over_the_memory_budget_runs_onloaded(tmp_path, text_file):
+    """With a budget below what the whole-model gptq step needs (and below the model's own weights plus the
+    process), offload: never is refused before any work and offload: always runs."""
+    from compress import checkpoint, config, memory, pipeline, planner, sources
+    from compress.errors import CompressError
+    from compress.tiny import build
+
+    wide = json.loads((REPO / "configs" / "models" / "tiny-llama.json").read_text())
+    wide.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=64)  # 84 MB of float32 weights: more than what the onloaded run needs
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    model, tok = build(tmp_path / "wide.json", seed=0)
+    checkpoint.save(model, tok, tmp_path / "model")
+    pipe = config.load(_gptq_pipeline(tmp_path, tmp_path / "model", text_file, "always"))
+    cfg = sources.resolve(str(tmp_path / "model"), weights=False).config
+    onl = planner.plan(pipe, cfg, "cpu", offload="always")
+    whole = planner.plan(pipe, cfg, "cpu", offload="never")
+    budget = max(max(p.peak_bytes, p.eval_peak_bytes or 0) for p in onl)
+    assert onl[1].onload and budget < whole[1].peak_bytes
+    assert budget < memory.describe(cfg).params * 4 + planner.overhead("cpu")
+    never = config.load(_gptq_pipeline(tmp_path, tmp_path / "model", text_file, "never"))
+    with pytest.raises(CompressError, match="predicted not to fit"):
+        pipeline.run(never, out_root=tmp_path / "runs", log=lambda m: None, quiet=True, memory_budget=budget)
+    assert not (tmp_path / "runs" / "q-never").exists()
+    res = pipeline.run(pipe, out_root=tmp_path / "runs", log=lambda m: None, quiet=True, memory_budget=budget)
+    assert [r.status for r in res] == ["done", "done"]
+    assert (tmp_path / "runs" / "q-always" / "01-gptq" / "model.safetensors").is_file()
+
+
+def test_planner_splits_an_onloaded_gptq_step_between_host_and_device():
+    """A Llama-shaped config on a GPU, by hand: the device holds one block in fp32 and its working set (no input
+    weights), the host the packed output, the float16 embeddings and head, and one block in transit."""
+    from compress import memory, planner
+    from compress.stages import gptq
+
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 1024, "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 64, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    state = planner.initial_state(cfg)
+    qcfg = gptq.Config(bits=4, group_size=128, nsamples=8, seq_len=128, batch_size=1)
+    p = planner.predict_stage(gptq, qcfg, state, device="h100-80gb", onload=True)
+    d, ffn, kv, L, V = 256, 512, 128, 4, 1024
+    linears = [(d, d), (d, kv), (d, kv), (d, d), (d, ffn), (d, ffn), (ffn, d)]  # (in, out): q k v o gate up down
+    block = sum(i * o for i, o in linears) + 2 * d                                 # + two RMSNorm weights
+    packed = L * sum(i * o // 2 + (i // 128) * o * 2 + (i // 128) * o // 2 + i * 4 for i, o in linears)
+    assert p.breakdown["input weights"] == 0
+    assert p.breakdown["the block in fp32"] == block * 4
+    assert p.host_breakdown["packed output"] == packed
+    assert p.host_breakdown["unquantized weights in float16"] == (2 * V * d + (2 * L + 1) * d) * 2
+    assert p.host_breakdown["one block in transit"] == block * 4
+    assert p.host_peak_bytes == sum(p.host_breakdown.values())
+    assert p.peak_bytes == sum(v for k, v in p.breakdown.items() if k != "notes")
+    whole = planner.predict_stage(gptq, qcfg, state, device="h100-80gb", onload=False)
+    assert whole.breakdown["input weights"] == state.weights_bytes() and whole.host_peak_bytes is None

@@ -167,12 +167,12 @@ def run(model, tok, cfg, ctx):
     return real(model, tok, cfg, ctx)
 cast.run = run
 import compress.checkpoint as ck
-real_rt = ck.round_trip
-def rt(model, folder, *a, **k):
+real_rt = ck.check_reload
+def rt(folder, *a, **k):
     if "fp16" in folder.name and os.environ.get("KILL_AT") == "save":
         os.kill(os.getpid(), signal.SIGKILL)  # after the weights are written, before the manifest
-    return real_rt(model, folder, *a, **k)
-ck.round_trip = rt
+    return real_rt(folder, *a, **k)
+ck.check_reload = rt
 pipeline.run(config.load(sys.argv[1]), out_root=sys.argv[2], log=lambda m: None, quiet=True)
 """
 

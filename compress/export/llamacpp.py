@@ -41,7 +41,7 @@ import torch
 
 from compress.errors import CompressError
 
-LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # enum llama_ftype (llama.h)
+LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "bf16": 32}  # enum llama_ftype (llama.h)
 
 
 def available() -> bool:

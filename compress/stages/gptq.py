@@ -61,6 +61,7 @@ from compress.modeling import (
 )
 
 NAME = "gptq"
+ONLOAD = True  # the input can stay on the host, one block at a time on the device (pipeline offload)
 METHODS = ("gptq", "rtn")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -229,15 +230,47 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
         main["expert Hessians + weights (every expert of one step)"] = experts
     if block_copy:
         main["fp32 copy of one block"] = block_copy
+    start = {"calibration text": memory.data_bytes(shape, [(spec, "train")]) if spec else 0,
+             "calibration tokens": tokens * 8, "block 0 inputs (fp32)": tokens * h * 4}
+    if where.onload:
+        return _onloaded(start, main, packed, cast, out_dtype, state, out, where)
     phases = {
-        "start": {"calibration text": memory.data_bytes(shape, [(spec, "train")]) if spec else 0,
-                  "calibration tokens": tokens * 8, "block 0 inputs (fp32)": tokens * h * 4},
+        "start": start,
         "first block": {**main, "packed output (one block)": first_packed},
         "last block": {**main, "packed output": packed, "input blocks paged out": released},
         "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
                 "input blocks paged out": released - per_block},
     }
     return memory.phased(phases, state, out)
+
+
+def _onloaded(start: dict, main: dict, packed: int, cast: int, out_dtype: str, state: memory.ModelState,
+              out: memory.ModelState, where: memory.Where) -> memory.Parts:
+    """GPTQ with the input on the host, memory-mapped, one block at a time on the device (offload). The device
+    holds the embeddings while block 0's inputs are captured, then one block in fp32 and its working set; the
+    host holds the block in transit and the packed output, which grows block by block, then the unquantized
+    weights cast to `dtype` (a slab at a time from the mapped input). On a CPU host and device are one memory."""
+    shape = state.shape
+    fp32_block = shape.layer_params * 4
+    paged = memory.block_bytes(state)  # the mapped block's pages, read while it is moved or computed
+    outer = shape.vocab * shape.hidden * state.act_bytes * (1 if shape.tied else 2)
+    if where.kind == "cpu":
+        block = {"one block's weights paged in": paged}
+        if state.dtype != "float32":
+            block["the block in fp32"] = fp32_block
+        phases = {"start": start,
+                  "last block": {**main, **block, "packed output": packed},
+                  "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
+                          "one slab of the cast": min(outer, 64 * 2**20)}}
+        parts = memory.phased(phases, state, out)
+        parts.on_device_input = 0
+        return parts
+    device = {"start": {**start, "embeddings and head on the device": outer},
+              "block": {**main, "the block in fp32": fp32_block}}
+    peak = max(device, key=lambda k: sum(device[k].values()))
+    host = {"packed output": packed, f"unquantized weights in {out_dtype}": cast, "one block in transit": paged}
+    notes = [f"onloaded: device peak in the {peak} phase; the host holds the packed output and the cast weights"]
+    return memory.Parts({k: v for k, v in device[peak].items() if v}, 0, out, notes, host=host)
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:
@@ -745,4 +778,21 @@ def _cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
             continue
         for name, p in list(m._parameters.items()):
             if p is not None and p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+                p.data = _cast(p.data, dtype)
+
+
+CAST_CHUNK_BYTES = 64 * 2**20
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype. A large CPU tensor is cast a slab of rows at a time, each source slab's pages handed back after
+    (measure.page_out_mapped): a memory-mapped float32 embedding of a large vocabulary (Llama 3: 2 GiB) is then
+    never resident whole next to its cast copy."""
+    if t.device.type != "cpu" or t.dim() == 0 or not t.is_contiguous() or t.numel() * t.element_size() <= CAST_CHUNK_BYTES:
+        return t.to(dtype)
+    out = torch.empty(t.shape, dtype=dtype)
+    rows = max(1, CAST_CHUNK_BYTES // max(t[0].numel() * t.element_size(), 1))
+    for s in range(0, t.shape[0], rows):
+        out[s:s + rows] = t[s:s + rows]
+        measure.page_out_mapped([t[s:s + rows]])
+    return out

@@ -52,7 +52,7 @@ def main() -> None:
         "# Which stage runs on which family\n\nWritten by `python bench/families.py` "
         f"({time.time() - t0:.0f} s, tiny models of configs/models/, CPU): every cell ran the stage, saved and "
         "reloaded it, or was refused before any work with the reason given.\n\n" + table)
-    (REPO / "README.md").write_text(readme_with(table))
+    (REPO / "README.md").write_text(readme_with(support.markdown(rows, grouped=True)))
     print(table)
 
 

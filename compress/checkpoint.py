@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
+from compress import measure
 from compress.errors import CompressError
 
 MAX_SHARD_BYTES = 2**30  # safetensors files of at most 1 GiB: saving holds one shard's bytes twice, not the model's
@@ -274,6 +275,7 @@ def _save_sharded(state: dict, folder: Path, max_shard_bytes: int = MAX_SHARD_BY
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, part in zip(names, shards):
         save_file(part, folder / name, metadata={"format": "pt"})
+        measure.page_out_mapped(list(part.values()))  # tensors held as views of a file (spilled): pages back
     index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
              "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

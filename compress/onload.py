@@ -109,3 +109,36 @@ def logits_by_block(model: nn.Module, batches: list[torch.Tensor], device, compu
         set_submodule(model, layers_name, layers)
         outside = [t for n, t in model.state_dict().items() if not n.startswith(layers_name + ".")]
         measure.page_out_mapped(outside)  # the head and embeddings the tail read (CPU, memory-mapped)
+
+
+def spill(modules: list[nn.Module], path) -> None:
+    """Write the buffers of `modules` to the safetensors file `path` and hold them as views of that file, their
+    pages handed back: a stage that builds its output block by block on a CPU (GPTQ's packed tensors, 3.4 GiB
+    for Llama-3-8B) keeps it on disk rather than in RAM; saving the checkpoint reads it back a shard at a time."""
+    from safetensors.torch import load_file, save_file
+
+    owners = {f"{i}.{b}": (m, b) for i, m in enumerate(modules) for b, t in m._buffers.items() if t is not None}
+    if not owners:
+        return
+    save_file({k: m._buffers[b].contiguous() for k, (m, b) in owners.items()}, path)
+    for k, t in load_file(path).items():
+        m, b = owners[k]
+        m._buffers[b] = t
+    measure.page_out_mapped([m._buffers[b] for m, b in owners.values()])
+
+
+CAST_CHUNK_BYTES = 64 * 2**20
+
+
+def cast_paged(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype. A large CPU tensor is cast a slab of rows at a time, each source slab's pages handed back after
+    (measure.page_out_mapped): a memory-mapped float32 embedding of a large vocabulary (Llama 3: 2 GiB) is then
+    never resident whole next to its cast copy."""
+    if t.device.type != "cpu" or t.dim() == 0 or not t.is_contiguous() or t.numel() * t.element_size() <= CAST_CHUNK_BYTES:
+        return t.to(dtype)
+    out = torch.empty(t.shape, dtype=dtype)
+    rows = max(1, CAST_CHUNK_BYTES // max(t[0].numel() * t.element_size(), 1))
+    for s in range(0, t.shape[0], rows):
+        out[s:s + rows] = t[s:s + rows]
+        measure.page_out_mapped([t[s:s + rows]])
+    return out

@@ -98,12 +98,14 @@ def run_matrix(corpus: str, work: Path, families: list[str] = FAMILIES, stages: 
     return {f: {s: run_cell(f, s, corpus, work / f / s) for s in stages} for f in families}
 
 
-def markdown(rows: dict) -> str:
-    """The support table: a mark per family and stage, refusals numbered and explained below the table."""
+def markdown(rows: dict, grouped: bool = False) -> str:
+    """The support table: a mark per family and stage, refusals numbered and explained below the table;
+    `grouped`: families with the same marks share one row (the README's short form)."""
     from compress import families
 
     reasons: list[str] = []
     lines = ["| family | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    table: dict[tuple, list[str]] = {}
     for fam, cells in rows.items():
         marks = []
         for stage in COLUMNS:
@@ -118,7 +120,10 @@ def markdown(rows: dict) -> str:
             else:
                 marks.append(cell)
         name = families.of(_model_type(fam)).name + (" (new arch.)" if fam == "falcon-40b" else "")
-        lines.append(f"| {name} | " + " | ".join(marks) + " |")
+        table.setdefault(tuple(marks) if grouped else (fam,) + tuple(marks), []).append(name)
+    for key, names in table.items():
+        marks = key if grouped else key[1:]
+        lines.append(f"| {', '.join(names)} | " + " | ".join(marks) + " |")
     lines.append("")
     lines += [f"({i}) {r}" for i, r in enumerate(reasons, start=1)]
     return "\n".join(lines) + "\n"

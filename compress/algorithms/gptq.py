@@ -205,7 +205,9 @@ class GPTQ:
     def hessian(self) -> torch.Tensor:
         """The accumulated sum of x x^T as a full symmetric matrix (a new tensor)."""
         if self.strip and self.columns > self.strip:
-            return self.H.triu() + self.H.triu(1).t()
+            full = self.H.triu()
+            full += self.H.triu(1).t()
+            return full
         return self.H.clone()
 
     @torch.no_grad()
@@ -240,8 +242,7 @@ class GPTQ:
         gs = _check(bits, group_size, cols)
         maxq = 2**bits - 1
         n_groups = math.ceil(cols / gs)
-        H = self.hessian().mul_(2.0 / self.nsamples)  # H = 2 X X^T / n
-        Hraw = H.clone()  # undamped, for the error
+        H = self.hessian().mul_(2.0 / self.nsamples)  # H = 2 X X^T / n (the undamped one is rebuilt for the error)
 
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
@@ -259,9 +260,10 @@ class GPTQ:
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         elif group_aware:  # groups stay contiguous, so g_idx stays monotone
             perm, group_of = group_aware_order(torch.diag(H), gs)
-        if perm is not None:
+        if perm is not None:  # one permuted copy alive at a time: H is [cols, cols] (14336^2 fp32: 0.8 GB)
             W = W[:, perm]
-            H = H[perm][:, perm]
+            H = H[perm]
+            H = H[:, perm]
         # group of the j-th processed column: static groups follow the original column, dynamic ones the order
         if perm is not None and static_groups:
             col_group = (perm // gs).tolist()
@@ -269,9 +271,11 @@ class GPTQ:
             col_group = [group_of[j // gs] for j in range(cols)]
 
         Hinv, damp_used = _cholesky_inverse_upper(H, damp_percent)
+        del H
 
         # Work on W^T [cols, rows] so that a column of W is a contiguous row for the per-column updates.
         WT = W.t().contiguous()  # [cols, rows]
+        del W
         QT = torch.zeros_like(WT)
         CT = torch.zeros_like(WT)
         scale = zero = None
@@ -297,9 +301,10 @@ class GPTQ:
                 torch.sub(w, q, out=err).div_(d[i])                             # (w - q) / [Hinv]_ii
                 W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)               # update the block's rest
             WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of the remaining columns
+        del Hinv, WT
         Q, codes = QT.t(), CT.t()  # [rows, cols]
 
-        g_idx = torch.tensor(col_group, dtype=torch.int32, device=W.device)
+        g_idx = torch.tensor(col_group, dtype=torch.int32, device=QT.device)
         if perm is not None:
             invperm = torch.argsort(perm)
             Q, codes, g_idx = Q[:, invperm], codes[:, invperm], g_idx[invperm]
@@ -307,6 +312,7 @@ class GPTQ:
         # the GPTQ objective per output row: (W - Q) H (W - Q)^T / 2 = mean over tokens of (W x - Q x)^2
         W0 = self.W.float()
         dW = W0 - Q
+        Hraw = self.hessian().mul_(2.0 / self.nsamples)  # undamped, as H was before dead columns and dampening
         error = ((dW @ Hraw) * dW).sum(dim=1) / 2
         energy = ((W0 @ Hraw) * W0).sum(dim=1) / 2
         return QuantResult(
@@ -359,12 +365,16 @@ def _cholesky_inverse_upper(H: torch.Tensor, damp_percent: float) -> tuple[torch
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; doubles the dampening until H is positive definite."""
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
-    while damp < 1.0 + 1e-9:
+    while damp < 1.0 + 1e-9:  # at most three [C, C] matrices alive at once: H (kept for a retry) and two more
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info.item() == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            Hinv, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0:
                 return Hinv, damp
         damp *= 2

@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ from torch import nn
 from compress.algorithms.gptq import (
     BITS, GPTQ, QuantLinear, QuantResult, name_matches, quantization_config, rtn, storage_bits,
 )
-from compress import families, measure, memory, moe
+from compress import families, measure, memory, moe, onload
 from compress.errors import CompressError
 from compress.modeling import (
     MIN_QUANTIZED_FRACTION, StopForward, call_block, capture_block_inputs, decoder_layers_with_name, linear_weight,
@@ -214,9 +215,9 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
         need = sum(o for grp in groups[:-1] for _, _, o in grp) * tokens * 4
         if where.device_bytes is None or need <= where.device_bytes // 4:
             replay = tokens * 4 * (groups[1][0][1] + groups[3][0][1])
-    # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, error terms ~ 8 R*C; H, its
-    # scaled and raw copies, Cholesky inverse ~ 5 C^2 (compress/algorithms/gptq.py)
-    solver = max(((8 * sum(o for _, _, o in grp) * grp[0][1] + 5 * grp[0][1] ** 2) * 4 for grp in groups), default=0)
+    # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, the error terms ~ 6 R*C; the
+    # accumulated H, its full copy and two Cholesky matrices ~ 4 C^2 (compress/algorithms/gptq.py)
+    solver = max(((6 * sum(o for _, _, o in grp) * grp[0][1] + 4 * grp[0][1] ** 2) * 4 for grp in groups), default=0)
     experts = _expert_solvers(lin, h)
     forward = memory.inference_layer_bytes(shape, 4, batch, seq)
     main = {"block inputs + outputs (fp32)": io}
@@ -233,7 +234,7 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     start = {"calibration text": memory.data_bytes(shape, [(spec, "train")]) if spec else 0,
              "calibration tokens": tokens * 8, "block 0 inputs (fp32)": tokens * h * 4}
     if where.onload:
-        return _onloaded(start, main, packed, cast, out_dtype, state, out, where)
+        return _onloaded(start, main, first_packed, cast, out_dtype, state, out, where)
     phases = {
         "start": start,
         "first block": {**main, "packed output (one block)": first_packed},
@@ -244,12 +245,13 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     return memory.phased(phases, state, out)
 
 
-def _onloaded(start: dict, main: dict, packed: int, cast: int, out_dtype: str, state: memory.ModelState,
+def _onloaded(start: dict, main: dict, block_packed: int, cast: int, out_dtype: str, state: memory.ModelState,
               out: memory.ModelState, where: memory.Where) -> memory.Parts:
     """GPTQ with the input on the host, memory-mapped, one block at a time on the device (offload). The device
     holds the embeddings while block 0's inputs are captured, then one block in fp32 and its working set; the
-    host holds the block in transit and the packed output, which grows block by block, then the unquantized
-    weights cast to `dtype` (a slab at a time from the mapped input). On a CPU host and device are one memory."""
+    host holds the block in transit and its packed form, which is then spilled to the stage's scratch folder
+    (onload.spill), then the unquantized weights cast to `dtype` (a slab at a time from the mapped input). On a
+    CPU host and device are one memory."""
     shape = state.shape
     fp32_block = shape.layer_params * 4
     paged = memory.block_bytes(state)  # the mapped block's pages, read while it is moved or computed
@@ -259,17 +261,17 @@ def _onloaded(start: dict, main: dict, packed: int, cast: int, out_dtype: str, s
         if state.dtype != "float32":
             block["the block in fp32"] = fp32_block
         phases = {"start": start,
-                  "last block": {**main, **block, "packed output": packed},
-                  "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
-                          "one slab of the cast": min(outer, 64 * 2**20)}}
+                  "block": {**main, **block, "packed block (then spilled to disk)": block_packed},
+                  "end": {f"unquantized weights in {out_dtype}": cast, "one slab of the cast": min(outer, 64 * 2**20)}}
         parts = memory.phased(phases, state, out)
         parts.on_device_input = 0
         return parts
     device = {"start": {**start, "embeddings and head on the device": outer},
               "block": {**main, "the block in fp32": fp32_block}}
     peak = max(device, key=lambda k: sum(device[k].values()))
-    host = {"packed output": packed, f"unquantized weights in {out_dtype}": cast, "one block in transit": paged}
-    notes = [f"onloaded: device peak in the {peak} phase; the host holds the packed output and the cast weights"]
+    host = {"one block in transit": paged, "packed block (then spilled to disk)": block_packed,
+            f"unquantized weights in {out_dtype}": cast}
+    notes = [f"onloaded: device peak in the {peak} phase; the host holds a block in transit and the cast weights"]
     return memory.Parts({k: v for k, v in device[peak].items() if v}, 0, out, notes, host=host)
 
 
@@ -408,6 +410,9 @@ def _quantize_blocks(model: nn.Module, cfg: Config, ctx, tokens: torch.Tensor | 
                     f"{p}.{e}.{n}" in results for n in ex.names))
         _cast_unquantized(block, dtype)
         block.to(home)
+        if ctx.onload and home.type == "cpu" and ctx.work_dir is not None:
+            onload.spill([m for m in block.modules() if isinstance(m, QuantLinear)],
+                         Path(ctx.work_dir) / f"packed-{i:05d}.safetensors")
         kept = {t.data_ptr() for t in block.state_dict().values()}
         # The replaced weights of a memory-mapped input (every stage input `compress run` loads on CPU) keep their
         # pages resident until the whole file is unmapped: hand them back.
@@ -778,21 +783,4 @@ def _cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
             continue
         for name, p in list(m._parameters.items()):
             if p is not None and p.is_floating_point() and p.dtype != dtype:
-                p.data = _cast(p.data, dtype)
-
-
-CAST_CHUNK_BYTES = 64 * 2**20
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype. A large CPU tensor is cast a slab of rows at a time, each source slab's pages handed back after
-    (measure.page_out_mapped): a memory-mapped float32 embedding of a large vocabulary (Llama 3: 2 GiB) is then
-    never resident whole next to its cast copy."""
-    if t.device.type != "cpu" or t.dim() == 0 or not t.is_contiguous() or t.numel() * t.element_size() <= CAST_CHUNK_BYTES:
-        return t.to(dtype)
-    out = torch.empty(t.shape, dtype=dtype)
-    rows = max(1, CAST_CHUNK_BYTES // max(t[0].numel() * t.element_size(), 1))
-    for s in range(0, t.shape[0], rows):
-        out[s:s + rows] = t[s:s + rows]
-        measure.page_out_mapped([t[s:s + rows]])
-    return out
+                p.data = onload.cast_paged(p.data, dtype)

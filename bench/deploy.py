@@ -23,7 +23,7 @@ Mind the trap: the zoo's SmolLM2 weights were dequantized from a Q4_1 GGUF, so a
 
     python bench/deploy.py              # writes bench/results/deploy.json and deploy.md
     python bench/deploy.py speed        # only decode_one_thread, from the files the full run left in DEPLOY_WORK
-    python bench/deploy.py render       # deploy.md from deploy.json
+    python bench/deploy.py render [FILE] # deploy.md from deploy.json (or FILE)
 
 Decode speed twice: at the evaluation's thread count (2 here) inside the full run, and `decode_one_thread`: every
 model at 1 thread, 5 runs each, interleaved round robin so all see the same background load. On a shared,
@@ -243,9 +243,7 @@ def render(res: dict) -> str:
         f"torch {res['env']['torch']}.", "",
         "| model | runtime | bytes | perplexity | KLD | top-1 | decode tok/s (1 thread) |",
         "|---|---|---|---|---|---|---|"]
-    for k in ORDER:
-        if k not in m:
-            continue
+    for k in [k for k in ORDER if k in m] + [k for k in m if k not in ORDER]:
         a = m[k].get("accuracy", {})
         size = m[k].get("write", {}).get("bytes") or (m[k].get("disk_bytes") if k == "hf-float32" else None)
         speed = one.get(k, {}).get("median")
@@ -265,6 +263,9 @@ def render(res: dict) -> str:
                      f"{one['gguf-gptq-q4_0']['median'] / one['hf-float32']['median']:.1f} (1 thread each).")
     if ref_bytes:
         lines.append(f"- size: {ours['write']['bytes'] / ref_bytes:.1%} of the float32 safetensors ({ref_bytes:,} bytes).")
+    missing = [k for k in ORDER if k not in m]
+    if missing:
+        lines += ["", f"Not in this run (the script has them since): {', '.join(missing)}."]
     lines += ["", "The Q4_1 rows are flattered: the zoo's weights were dequantized from a Q4_1 GGUF, so an asymmetric "
               "group-32 grid finds them nearly on its grid. GPTQ's codes go into the GGUF unchanged (the gguf-gptq "
               "rows match their torch-gptq twins up to llama.cpp's own float arithmetic)."]
@@ -310,7 +311,8 @@ def _vs_original(ours: Path) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:] == ["speed"]:
         speed_only()
-    elif sys.argv[1:] == ["render"]:
-        OUT.with_suffix(".md").write_text(render(json.loads(OUT.read_text())))
+    elif sys.argv[1:2] == ["render"]:  # render [FILE.json]: deploy.md from a results file (default deploy.json)
+        src = Path(sys.argv[2]) if len(sys.argv) > 2 else OUT
+        OUT.with_suffix(".md").write_text(render(json.loads(src.read_text())))
     else:
         main()

@@ -213,7 +213,7 @@ def format_table(plans: list[StagePlan], device: Any = None) -> str:
                + (f"; device {dev.name}: {fmt_bytes(dev.bytes)}" if dev else "")
                + ("; onloaded: the input stays on the host, one block at a time on the device (offload: never turns "
                   "it off)" if any(p.onload for p in plans) else "")
-               + ("; host peak: host memory of an onloaded step (packed output, cast weights, a block in transit)"
+               + ("; host peak: host memory of an onloaded step (a block in transit, its packed form, cast weights)"
                   if hosts else ""))
     for p in plans:
         if p.advice:

@@ -146,13 +146,18 @@ def no_kv_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = old
 
 
+def outside_tensors(model: nn.Module, layers_name: str) -> list[torch.Tensor]:
+    """The parameters and buffers of `model` outside its block list (embeddings, final norm, head, rotary tables)."""
+    prefix = layers_name + "."
+    return [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(prefix)]
+
+
 @contextlib.contextmanager
 def outside_on(model: nn.Module, layers_name: str, device: torch.device) -> Iterator[None]:
     """Move every parameter and buffer outside the blocks (embeddings, rotary, final norm...) to device, then back."""
-    prefix = layers_name + "."
     moved: list[tuple[torch.Tensor, torch.device]] = []
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefix) and t.device != device:
+    for t in outside_tensors(model, layers_name):
+        if t.device != device:
             moved.append((t, t.device))
             t.data = t.data.to(device)
     try:
@@ -346,6 +351,6 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
         if stop is not None:
             stop.remove()
         if torch.device(device).type == "cpu":  # a memory-mapped input: give back the embedding rows the tokens read
-            measure.page_out_mapped([t for n, t in model.state_dict().items() if not n.startswith(layers_name + ".")])
+            measure.page_out_mapped(outside_tensors(model, layers_name))
     return [{"hidden": recorders[0].seen[b][0], "args": [(r.seen[b][1], r.seen[b][2]) for r in recorders]}
             for b in range(len(batches))]

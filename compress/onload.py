@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from compress import measure
-from compress.modeling import block_output, capture_block_inputs, decoder_layers_with_name, outside_on, set_submodule
+from compress.modeling import (
+    block_output, capture_block_inputs, decoder_layers_with_name, outside_on, outside_tensors, set_submodule,
+)
 
 
 @contextlib.contextmanager
@@ -67,11 +69,6 @@ def computed_in(tensors: list, dtype: torch.dtype | None) -> Iterator[None]:
             t.data = data
 
 
-def _outside(model: nn.Module, layers_name: str) -> list:
-    """The tensors of `model` outside its block list (embeddings, final norm, head, rotary tables)."""
-    return [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(layers_name + ".")]
-
-
 class _Replay(nn.Module):
     """Stands in for the block list in the tail forward: returns the last block's recorded output of batch `b`."""
 
@@ -90,7 +87,7 @@ def logits_by_block(model: nn.Module, batches: list[torch.Tensor], device, compu
     compute_dtype: float16 tensors computed in it (float32 on a CPU, as evaluate computes float16 models)."""
     device = torch.device(device)
     layers_name, layers = decoder_layers_with_name(model)
-    with computed_in(_outside(model, layers_name), compute_dtype):
+    with computed_in(outside_tensors(model, layers_name), compute_dtype):
         inputs = capture_block_inputs(model, batches, device)        # per batch: block 0's hidden, every block's args
     hidden = [x["hidden"] for x in inputs]
     outputs: list = []
@@ -101,14 +98,13 @@ def logits_by_block(model: nn.Module, batches: list[torch.Tensor], device, compu
     replay = _Replay(outputs)
     set_submodule(model, layers_name, nn.ModuleList([replay]))
     try:
-        with outside_on(model, layers_name, device), computed_in(_outside(model, layers_name), compute_dtype):
+        with outside_on(model, layers_name, device), computed_in(outside_tensors(model, layers_name), compute_dtype):
             for b, ids in enumerate(batches):
                 replay.batch = b
                 yield b, model(input_ids=ids.to(device), use_cache=False, **kwargs).logits
     finally:
         set_submodule(model, layers_name, layers)
-        outside = [t for n, t in model.state_dict().items() if not n.startswith(layers_name + ".")]
-        measure.page_out_mapped(outside)  # the head and embeddings the tail read (CPU, memory-mapped)
+        measure.page_out_mapped(outside_tensors(model, layers_name))  # the head and embeddings the tail read
 
 
 def spill(modules: list[nn.Module], path) -> None:
@@ -134,7 +130,8 @@ def cast_paged(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype. A large CPU tensor is cast a slab of rows at a time, each source slab's pages handed back after
     (measure.page_out_mapped): a memory-mapped float32 embedding of a large vocabulary (Llama 3: 2 GiB) is then
     never resident whole next to its cast copy."""
-    if t.device.type != "cpu" or t.dim() == 0 or not t.is_contiguous() or t.numel() * t.element_size() <= CAST_CHUNK_BYTES:
+    small = t.numel() * t.element_size() <= CAST_CHUNK_BYTES
+    if t.device.type != "cpu" or t.dim() == 0 or not t.is_contiguous() or small:
         return t.to(dtype)
     out = torch.empty(t.shape, dtype=dtype)
     rows = max(1, CAST_CHUNK_BYTES // max(t[0].numel() * t.element_size(), 1))

@@ -107,20 +107,34 @@ def logits_by_block(model: nn.Module, batches: list[torch.Tensor], device, compu
         measure.page_out_mapped(outside_tensors(model, layers_name))  # the head and embeddings the tail read
 
 
-def spill(modules: list[nn.Module], path) -> None:
-    """Write the buffers of `modules` to the safetensors file `path` and hold them as views of that file, their
-    pages handed back: a stage that builds its output block by block on a CPU (GPTQ's packed tensors, 3.4 GiB
-    for Llama-3-8B) keeps it on disk rather than in RAM; saving the checkpoint reads it back a shard at a time."""
+def spill(modules: list[nn.Module], path, parameters: bool = False) -> None:
+    """Write the buffers (and with `parameters` the parameters) of `modules` to the safetensors file `path` and
+    hold them as views of that file, their pages handed back: a stage that builds its output block by block on a
+    CPU (GPTQ's packed tensors, 3.4 GiB for Llama-3-8B; a cast's 16-bit weights) keeps it on disk rather than in
+    RAM; saving the checkpoint reads it back a shard at a time. A tensor shared by two modules (tied weights) is
+    written once and stays one tensor."""
     from safetensors.torch import load_file, save_file
 
-    owners = {f"{i}.{b}": (m, b) for i, m in enumerate(modules) for b, t in m._buffers.items() if t is not None}
+    owners: dict[str, list] = {}  # file key -> [(module, kind, name)] holding that very tensor
+    keys: dict[int, str] = {}
+    for i, m in enumerate(modules):
+        for kind in ("_buffers", "_parameters") if parameters else ("_buffers",):
+            for b, t in getattr(m, kind).items():
+                if t is None or t.device.type != "cpu":
+                    continue
+                key = keys.setdefault(id(t), f"{i}.{kind}.{b}")
+                owners.setdefault(key, []).append((m, kind, b))
     if not owners:
         return
-    save_file({k: m._buffers[b].contiguous() for k, (m, b) in owners.items()}, path)
+    first = {k: getattr(m, kind)[b] for k, [(m, kind, b), *_] in owners.items()}
+    save_file({k: t.detach().contiguous() for k, t in first.items()}, path)
     for k, t in load_file(path).items():
-        m, b = owners[k]
-        m._buffers[b] = t
-    measure.page_out_mapped([m._buffers[b] for m, b in owners.values()])
+        if isinstance(first[k], nn.Parameter):
+            first[k].data = t  # the Parameter object stays (ties, optimizer-free references)
+        else:
+            for m, kind, b in owners[k]:
+                getattr(m, kind)[b] = t
+    measure.page_out_mapped([getattr(m, kind)[b] for ms in owners.values() for m, kind, b in ms])
 
 
 CAST_CHUNK_BYTES = 64 * 2**20
@@ -139,3 +153,41 @@ def cast_paged(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         out[s:s + rows] = t[s:s + rows]
         measure.page_out_mapped([t[s:s + rows]])
     return out
+
+
+def cast_tensors(modules, dtype: torch.dtype, paged: bool = True, buffers: bool = True,
+                 keep=lambda m: False) -> None:
+    """Float parameters (and with `buffers` the persistent float buffers) of `modules`, not recursing, cast to
+    `dtype` where they are not yet; paged: large CPU tensors a slab at a time (cast_paged). Modules for which
+    `keep` is true are left alone (int8 linears). Non-persistent buffers (RoPE inv_freq) stay as built: they are
+    recomputed in float32 at load time, so a cast copy would differ from the reloaded checkpoint."""
+    to = (lambda t: cast_paged(t, dtype)) if paged else (lambda t: t.to(dtype))
+    for module in modules:
+        if keep(module):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = to(p.data)
+        if not buffers:
+            continue
+        for name, b in module.named_buffers(recurse=False):
+            if (b is not None and b.is_floating_point() and b.dtype != dtype
+                    and name not in module._non_persistent_buffers_set):
+                module._buffers[name] = to(b)
+
+
+def cast_outside_spilled(model: nn.Module, layers_name: str, dtype: torch.dtype, scratch, buffers: bool = True,
+                         keep=lambda m: False) -> None:
+    """cast_tensors on the modules outside the block list, one module at a time, each spilled to `scratch`
+    after its cast: the embedding and head (2 GiB each for Llama 3 8B in float32) are never resident together
+    with their casts. A tied head is the embedding's very Parameter: cast and written once."""
+    from pathlib import Path
+
+    done: set[int] = set()
+    for n, m in model.named_modules():
+        own = [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None and id(t) not in done]
+        if n == layers_name or n.startswith(layers_name + ".") or not own:
+            continue
+        cast_tensors([m], dtype, buffers=buffers, keep=keep)
+        spill([m], Path(scratch) / f"outside-{len(done):05d}.safetensors", parameters=True)
+        done |= {id(t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}

@@ -156,6 +156,64 @@ def test_onloaded_gptq_writes_the_codes_of_a_whole_model_run(tmp_path, tiny_llam
     assert configs[0] == configs[1]
 
 
+@pytest.mark.parametrize("stage", ["cast: {dtype: bfloat16}", "gptq: {method: rtn, group_size: 32}",
+                                   "int8: {calibration_samples: 2, seq_len: 32, threshold: 0.5}"])
+def test_onloaded_cast_and_rtn_write_the_tensors_of_a_whole_model_run(tmp_path, stage, text_file, monkeypatch):
+    """cast, RTN and LLM.int8() from the memory-mapped input, a block at a time, each block spilled to the
+    scratch folder: the checkpoint of a whole-model run, tensor for tensor, tied embeddings kept tied (Gemma 3
+    ties them), and the same stats (int8: outlier columns counted through the block-by-block forward)."""
+    from compress import manifest
+    from safetensors.torch import load_file
+
+    from compress import checkpoint, config, pipeline
+    from compress.tiny import build
+    from conftest import write_pipeline
+
+    spilled = []
+    real_spill = onload.spill
+    monkeypatch.setattr(onload, "spill", lambda mods, path, **kw: (spilled.append(path), real_spill(mods, path, **kw)))
+    model, tok = build(REPO / "configs" / "models" / "tiny-gemma3.json", seed=0)
+    assert model.config.tie_word_embeddings
+    checkpoint.save(model, tok, tmp_path / "model")
+    out, stats = {}, {}
+    for offload in ("never", "always"):
+        p = write_pipeline(tmp_path, f"""
+name: s-{offload}
+model: {tmp_path / "model"}
+offload: {offload}
+data: {{calibration: {text_file}}}
+eval: {{perplexity: [{text_file}], seq_len: 64, max_tokens: 128, speed: false}}
+stages:
+  - {stage}
+""", f"s-{offload}.yaml")
+        res = pipeline.run(config.load(p), out_root=tmp_path / "runs", log=lambda m: None, quiet=True)
+        assert [r.status for r in res] == ["done", "done"]
+        folder = next((tmp_path / "runs" / f"s-{offload}").glob("01-*"))
+        out[offload] = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+        stats[offload] = manifest.read(folder)["stats"]
+        assert bool(spilled) == (offload == "always")  # the onloaded run wrote its blocks to disk as it went
+    whole, onl = out["never"], out["always"]
+    assert sorted(whole) == sorted(onl) and "lm_head.weight" not in onl
+    assert all(torch.equal(whole[k], onl[k]) and whole[k].dtype == onl[k].dtype for k in whole)
+    assert onl["model.embed_tokens.weight"].dtype == torch.bfloat16
+    if stage.startswith("int8"):
+        assert stats["always"]["outliers"]["total_outlier_dims"] > 0
+    drop = lambda st: {k: v for k, v in st.items() if k not in ("layers", "seconds")}  # noqa: E731  (timings)
+    assert drop(stats["never"]) == drop(stats["always"])
+
+
+def test_spill_holds_parameters_as_views_of_the_file_and_keeps_ties(tmp_path):
+    from torch import nn
+
+    emb, head = nn.Embedding(64, 8), nn.Linear(8, 64, bias=False)
+    head.weight = emb.weight
+    before = emb.weight.detach().clone()
+    onload.spill([emb, head], tmp_path / "s.safetensors", parameters=True)
+    assert head.weight is emb.weight and torch.equal(emb.weight, before)
+    assert isinstance(emb.weight, nn.Parameter)
+    assert (tmp_path / "s.safetensors").stat().st_size < 2 * before.numel() * 4  # written once
+
+
 def test_a_model_over_the_memory_budget_runs_onloaded(tmp_path, text_file):
     """With a budget below what the whole-model gptq step needs (and below the model's own weights plus the
     process), offload: never is refused before any work and offload: always runs."""
@@ -211,3 +269,34 @@ def test_planner_splits_an_onloaded_gptq_step_between_host_and_device():
     assert p.peak_bytes == sum(v for k, v in p.breakdown.items() if k != "notes")
     whole = planner.predict_stage(gptq, qcfg, state, device="h100-80gb", onload=False)
     assert whole.breakdown["input weights"] == state.weights_bytes() and whole.host_peak_bytes is None
+
+
+def test_planner_onloaded_rtn_and_cast_hold_one_block():
+    """RTN onloaded never moves the embeddings to the device (no calibration); an onloaded cast holds one block
+    and its cast on the host, nothing on the device; on a CPU, no input weights resident."""
+    from compress import memory, planner
+    from compress.errors import CompressError
+    from compress.stages import cast, gptq, int8
+
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 1024, "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 64, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    state = planner.initial_state(cfg)
+    rtn = planner.predict_stage(gptq, gptq.Config(method="rtn"), state, device="h100-80gb", onload=True)
+    assert "embeddings and head on the device" not in rtn.breakdown and rtn.breakdown["input weights"] == 0
+    assert rtn.host_breakdown["one block in transit"] == memory.block_bytes(state)
+    block = memory.block_bytes(state)
+    c = planner.predict_stage(cast, cast.Config(dtype="bfloat16"), state, device="cpu", onload=True)
+    assert c.breakdown["input weights"] == 0
+    assert c.breakdown["one block's weights paged in"] == block
+    assert c.breakdown["one block in bfloat16 (then spilled to disk)"] == block // 2
+    gpu = planner.predict_stage(cast, cast.Config(dtype="bfloat16"), state, device="h100-80gb", onload=True)
+    assert gpu.host_peak_bytes - planner.overhead("cpu") == block + block // 2
+    whole = planner.predict_stage(cast, cast.Config(dtype="bfloat16"), state, device="cpu", onload=False)
+    assert whole.peak_bytes > c.peak_bytes
+    q = planner.predict_stage(int8, int8.Config(calibration_samples=0), state, device="cpu", onload=True)
+    linears = 256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3
+    assert q.breakdown["input weights"] == 0 and q.breakdown["one block's weights paged in"] == block
+    assert q.breakdown["int8 block (then spilled to disk)"] == linears + 4 * (256 * 2 + 128 * 2 + 512 * 2 + 256)
+    with pytest.raises(CompressError, match="runs on a CPU only"):
+        planner.predict_stage(int8, int8.Config(), state, device="h100-80gb", onload=True)

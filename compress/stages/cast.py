@@ -7,6 +7,9 @@ activations of some models; prefer bfloat16 unless the deployment target lacks i
     stages:
       - cast: {dtype: bfloat16}
 
+A model bigger than memory (the pipeline's offload onloads it) is cast a block at a time from its memory map,
+each finished block written to the stage's scratch folder (cast_blockwise): the same tensors, one block resident.
+
 Not supported: casting quantized checkpoints (gptq, bnb-int8) - their packed integer tensors are not
 floating point; cast before quantizing.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +26,7 @@ from compress import memory
 from compress.errors import CompressError
 
 NAME = "cast"
+ONLOAD = True  # a model bigger than memory is cast a block at a time from its memory map (offload)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,7 +44,10 @@ def run(model, tokenizer, cfg: Config, ctx):
     if getattr(model.config, "quantization_config", None):
         raise CompressError("cast cannot change a quantized model; put the cast stage before gptq/int8")
     before = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-    cast_weights(model, DTYPES[cfg.dtype])
+    if ctx.onload and ctx.work_dir is not None:
+        cast_blockwise(model, DTYPES[cfg.dtype], Path(ctx.work_dir))
+    else:
+        cast_weights(model, DTYPES[cfg.dtype])
     model.config.dtype = DTYPES[cfg.dtype]
     return model, {"dtype_before": before, "dtype_after": cfg.dtype}
 
@@ -50,13 +58,25 @@ def cast_weights(model, dtype: torch.dtype) -> None:
     `model.to(dtype)` would also round buffers that are recomputed in float32 at load time, so the
     in-memory model would differ from the reloaded checkpoint.
     """
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point() and name not in module._non_persistent_buffers_set:
-                module._buffers[name] = b.to(dtype)
+    from compress import onload
+
+    onload.cast_tensors(model.modules(), dtype, paged=False)
+
+
+def cast_blockwise(model, dtype: torch.dtype, scratch: Path) -> None:
+    """cast_weights with a model on the host that may exceed RAM (offload): each block's tensors cast from the
+    memory-mapped input a slab at a time (onload.cast_paged, the source pages handed back), the block's result
+    written to `scratch` and held as views of that file (onload.spill); then the tensors outside the blocks.
+    Resident memory holds about one block, not the model; the values are cast_weights' exactly."""
+    from compress import measure, onload
+    from compress.modeling import decoder_layers_with_name
+
+    layers_name, layers = decoder_layers_with_name(model)
+    for i, block in enumerate(layers):
+        onload.cast_tensors(block.modules(), dtype)
+        onload.spill(list(block.modules()), scratch / f"cast-{i:05d}.safetensors", parameters=True)
+        measure.release_free_heap()
+    onload.cast_outside_spilled(model, layers_name, dtype, scratch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,5 +89,17 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     memory.require_plain(state, NAME)
     target = memory.dtype_name(cfg.dtype)
     out = dataclasses.replace(state, dtype=target)
+    if where.onload and target != state.dtype:
+        # cast_blockwise: one block paged in and its cast (then spilled), or the largest tensor outside the blocks
+        # (the embedding, the head) cast a slab at a time into a whole new tensor; on the host, none on a device
+        s = state.shape
+        host = max({"one block's weights paged in": memory.block_bytes(state),
+                    f"one block in {target} (then spilled to disk)": memory.block_bytes(out)},
+                   {f"embedding in {target} (then spilled to disk)": s.vocab * s.hidden * out.act_bytes,
+                    "one slab of the input embedding": min(s.vocab * s.hidden * state.act_bytes, 64 * memory.MiB)},
+                   key=lambda terms: sum(terms.values()))
+        if where.kind == "cpu":
+            return memory.Parts(host, 0, out, ["onloaded: cast a block at a time, each spilled to disk"])
+        return memory.Parts({}, 0, out, ["onloaded: cast on the host, a block at a time"], host=host)
     terms = {} if target == state.dtype else {f"{target} copy of weights": out.float_numel() * out.act_bytes}
     return memory.Parts(terms, state.weights_bytes(), out)

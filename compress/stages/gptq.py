@@ -194,6 +194,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
                 "block results (Q fp32 + codes)": results}
         if block_copy:
             work["fp32 copy of one block"] = block_copy
+        if where.onload:
+            return _onloaded({}, work, first_packed, cast, out_dtype, state, out, where)
         phases = {"first block": {**work, "packed output (one block)": first_packed},
                   "last block": {**work, "packed output": packed, "input blocks paged out": released},
                   "end": {"packed output": packed, f"unquantized weights in {out_dtype}": cast,
@@ -251,22 +253,24 @@ def _onloaded(start: dict, main: dict, block_packed: int, cast: int, out_dtype: 
     holds the embeddings while block 0's inputs are captured, then one block in fp32 and its working set; the
     host holds the block in transit and its packed form, which is then spilled to the stage's scratch folder
     (onload.spill), then the unquantized weights cast to `dtype` (a slab at a time from the mapped input). On a
-    CPU host and device are one memory."""
+    CPU host and device are one memory. RTN has no start phase (`start` empty): nothing is calibrated, the
+    embeddings never go to the device."""
     shape = state.shape
     fp32_block = shape.layer_params * 4
+    main = {k: v for k, v in main.items() if k != "fp32 copy of one block"}  # counted once, as the block in fp32
     paged = memory.block_bytes(state)  # the mapped block's pages, read while it is moved or computed
     outer = shape.vocab * shape.hidden * state.act_bytes * (1 if shape.tied else 2)
     if where.kind == "cpu":
         block = {"one block's weights paged in": paged}
         if state.dtype != "float32":
             block["the block in fp32"] = fp32_block
-        phases = {"start": start,
+        phases = {**({"start": start} if start else {}),
                   "block": {**main, **block, "packed block (then spilled to disk)": block_packed},
                   "end": {f"unquantized weights in {out_dtype}": cast, "one slab of the cast": min(outer, 64 * 2**20)}}
         parts = memory.phased(phases, state, out)
         parts.on_device_input = 0
         return parts
-    device = {"start": {**start, "embeddings and head on the device": outer},
+    device = {**({"start": {**start, "embeddings and head on the device": outer}} if start else {}),
               "block": {**main, "the block in fp32": fp32_block}}
     peak = max(device, key=lambda k: sum(device[k].values()))
     host = {"one block in transit": paged, "packed block (then spilled to disk)": block_packed,

@@ -18,8 +18,10 @@ with `AutoModelForCausalLM.from_pretrained`.
 Stats: bytes of the quantized linears vs the same linears in bf16, whole-model bytes vs the input, and the
 outlier input dimensions seen on `calibration_samples` windows of the pipeline's `data.calibration` text.
 
+With the pipeline's offload onloading it (a model bigger than memory), on a CPU, the stage works a block at a
+time from the memory-mapped input, each finished block written to its scratch folder (quantize_onloaded).
 Needs `pip install 'compress[int8]'` (bitsandbytes >= 0.45; CPU or CUDA). Not supported: 4-bit, int8
-training (has_fp16_weights), an input that is already quantized, CPU offload of parts of the model.
+training (has_fp16_weights), an input that is already quantized, onloading on CUDA (refused when planned).
 LLM.int8() is slower than 16-bit matmuls for small models: it saves memory, not time.
 """
 
@@ -39,6 +41,7 @@ from compress.errors import CompressError
 
 NAME = "int8"
 REQUIRES = ("bitsandbytes",)  # checked before any work (compress.pipeline.check_inputs)
+ONLOAD = True  # on a CPU, a model bigger than memory is quantized a block at a time from its memory map (offload)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -109,15 +112,21 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
         raise CompressError(
             f"int8 would quantize only {100 * planned / block_params:.0f}% of the linear weights in the blocks of "
             f"{who} (skip={skip}); refusing a mostly unquantized result; check int8.skip")
-    experts = moe.unfuse(model)  # fused MoE experts -> per-expert linears (same logits), quantized one by one
-    targets = core.quantizable_linears(model, skip)
-    if not targets:
+    if not core.quantizable_linears(model, skip):
         raise CompressError(f"int8 found no linear to quantize in {who} (skip={skip}); check int8.skip")
-    bf16_bytes = sum(2 * sum(p.numel() for p in m.parameters()) for _, m in targets)
-
-    ctx.log(f"int8: quantizing {len(targets)} linears on {ctx.device} (threshold {cfg.threshold}, rest in {cfg.dtype})")
-    names = core.quantize_model(model, cfg.threshold, skip, ctx.device)
-    core.cast_unquantized(model, dtype, ctx.device)
+    onloaded = ctx.onload and ctx.work_dir is not None
+    if onloaded:
+        _refuse_onloaded_on(ctx.device)
+        ctx.log(f"int8: quantizing a block at a time from the memory-mapped input (offload; threshold "
+                f"{cfg.threshold}, rest in {cfg.dtype})")
+        names, experts = quantize_onloaded(model, cfg.threshold, skip, dtype, ctx)
+    else:
+        experts = moe.unfuse(model)  # fused MoE experts -> per-expert linears (same logits), quantized one by one
+        ctx.log(f"int8: quantizing {len(core.quantizable_linears(model, skip))} linears on {ctx.device} "
+                f"(threshold {cfg.threshold}, rest in {cfg.dtype})")
+        names = core.quantize_model(model, cfg.threshold, skip, ctx.device)
+        core.cast_unquantized(model, dtype, ctx.device)
+    bf16_bytes = sum(2 * sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names)
     model.config.dtype = dtype
     model.config.quantization_config = core.bnb_quantization_config(cfg.threshold, skip)
     model.is_loaded_in_8bit = True  # as transformers marks its own bnb 8-bit models
@@ -149,15 +158,78 @@ def _run(model, tokenizer, cfg: Config, ctx: Context):
         return model, stats
     linears = {n: model.get_submodule(n) for n in names}
     with torch.no_grad(), core.OutlierCounter(linears, cfg.threshold) as counter:
-        for ids in ctx.progress(blocks, desc="int8 outliers", total=len(blocks)):
-            # one window per forward: per-call counts are per window; no KV cache (nothing decodes after it)
-            model(input_ids=ids[None].to(ctx.device), use_cache=False)
+        if onloaded:  # every window through one block at a time: each block's linears see one window per call
+            from compress import onload
+
+            for _ in onload.logits_by_block(model, [ids[None] for ids in blocks], ctx.device):
+                pass
+        else:
+            for ids in ctx.progress(blocks, desc="int8 outliers", total=len(blocks)):
+                # one window per forward: per-call counts are per window; no KV cache (nothing decodes after it)
+                model(input_ids=ids[None].to(ctx.device), use_cache=False)
     stats["outliers"] = {
         "source": ctx.data["calibration"], "windows": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]),
         **counter.stats(),
     }
     ctx.log(f"int8: {stats['outliers']['total_outlier_dims']} outlier input dims over {len(names)} linears")
     return model, stats
+
+
+def _refuse_onloaded_on(device) -> None:
+    """Onloaded int8 runs on a CPU only: a decoder block moved between devices does not carry its Linear8bitLt
+    modules' int8 state along (bitsandbytes moves it in Linear8bitLt.to only, which a parent's .to() skips)."""
+    if torch.device(device).type != "cpu":
+        raise CompressError("int8 with offload (the model on the host, a block at a time) runs on a CPU only; on "
+                            f"{device}, set offload: never with a model that fits the device, or quantize with gptq")
+
+
+def quantize_onloaded(model, threshold: float, skip: list[str], dtype: torch.dtype, ctx: Context) -> tuple[list, int]:
+    """LLM.int8() of a model on the host that may exceed RAM: block by block, its fused experts unfused, its
+    linears quantized from the memory-mapped input, the rest cast to `dtype`, the result written to the stage's
+    scratch folder and held as views of it (onload.spill), the input's pages handed back; then what lies outside
+    the blocks. Resident memory holds about one block; the tensors are quantize_model's + cast_unquantized's.
+    Returns (quantized module names, experts unfused)."""
+    from pathlib import Path
+
+    from compress import measure, onload
+
+    bnb = core.require_bitsandbytes()
+    core.quiet_cast_warning()
+    is_int8 = lambda m: isinstance(m, bnb.nn.Linear8bitLt)  # noqa: E731
+    fam = families.find(model)
+    layers_name, layers = _blocks(model)
+    scratch = Path(ctx.work_dir)
+    names, experts = [], 0
+    for i in ctx.progress(range(len(layers)), desc="int8 blocks", total=len(layers), unit="block"):
+        block, prefix = layers[i], f"{layers_name}.{i}."
+        originals = list(block.state_dict().values())
+        experts += moe.unfuse_block(block, fam) if fam is not None and fam.is_moe() else 0
+        for n, linear in core.quantizable_linears(block, None):
+            if not core.is_skipped(prefix + n, skip):
+                block.set_submodule(n, core.quantize_linear(linear, threshold, ctx.device))
+                names.append(prefix + n)
+        onload.cast_tensors(block.modules(), dtype, buffers=False, keep=is_int8)
+        onload.spill(list(block.modules()), scratch / f"int8-{i:05d}.safetensors", parameters=True)
+        _rebind_codes(block, is_int8)
+        kept = {t.data_ptr() for t in block.state_dict().values()}
+        measure.page_out_mapped([t for t in originals if t.data_ptr() not in kept])
+        del originals
+        measure.release_free_heap()
+    for n, linear in core.quantizable_linears(model, skip):  # outside the blocks: a head not skipped
+        if not n.startswith(layers_name + "."):
+            model.set_submodule(n, core.quantize_linear(linear, threshold, ctx.device))
+            names.append(n)
+    onload.cast_outside_spilled(model, layers_name, dtype, scratch, buffers=False, keep=is_int8)
+    _rebind_codes(model, is_int8)
+    return names, experts
+
+
+def _rebind_codes(module, is_int8) -> None:
+    """Int8Params keeps its codes twice, as .data and as .CB (what forward reads); after spill replaced .data
+    by the file's view, point .CB at it too, so the in-memory codes are let go."""
+    for m in module.modules():
+        if is_int8(m) and m.weight.CB is not None:
+            m.weight.CB = m.weight.data
 
 
 def _blocks(model):
@@ -200,6 +272,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     out = dataclasses.replace(state, format="bnb-int8", dtype=out_dtype, skip=tuple(cfg.skip))
     lin = out.quantized_linears()
     i_max, o_max = max(((i, o) for _, i, o in lin), key=lambda t: t[0] * t[1], default=(0, 0))
+    if where.onload:
+        return _onloaded(cfg, state, out, where, lin, i_max * o_max)
     terms = {
         "int8 weights + row scales": shape.layers * sum(i * o + 4 * o for _, i, o in lin),
         "fp16 copy of one linear + quantize temporaries": i_max * o_max * (2 + 2 + 1),
@@ -214,6 +288,36 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
         terms["outlier pass: logits"] = seq * shape.vocab * a
         terms["outlier pass: layer + int8 matmul"] = memory.inference_layer_bytes(shape, a, 1, seq) + seq * (3 * i_max + 4 * o_max)
     return memory.Parts(terms, state.weights_bytes(), out, loads=("bitsandbytes",))
+
+
+def _onloaded(cfg: Config, state: memory.ModelState, out: memory.ModelState, where: memory.Where, lin: list,
+              largest: int) -> memory.Parts:
+    """quantize_onloaded's memory, in phases: a block (its mapped input pages, its int8 codes until spilled, the
+    largest linear's fp16 copy), the embedding cast (a slab of the input, the whole cast until spilled), the
+    outlier pass through onload.logits_by_block (every window's hidden states twice, one block's forward, one
+    window's logits). Nothing of the input or output stays resident."""
+    _refuse_onloaded_on(where.kind)
+    s = state.shape
+    a = memory.DTYPE_BYTES[out.dtype]
+    lib = {"bitsandbytes library (first import)": BNB_IMPORT_BYTES} if "bitsandbytes" not in where.loaded else {}
+    phases = {
+        "block": {**lib, "one block's weights paged in": memory.block_bytes(state),
+                  "int8 block (then spilled to disk)": sum(i * o + 4 * o for _, i, o in lin),
+                  "fp16 copy of one linear + quantize temporaries": largest * (2 + 2 + 1)},
+        "outside": {**lib, f"embedding in {out.dtype} (then spilled to disk)": s.vocab * s.hidden * a,
+                    "one slab of the input embedding": min(s.vocab * s.hidden * state.act_bytes, 64 * memory.MiB)},
+    }
+    if cfg.calibration_samples > 0 and where.data.get("calibration"):
+        seq, n = cfg.seq_len, cfg.calibration_samples
+        phases["outlier pass"] = {
+            **lib, "calibration text": memory.data_bytes(s, [(where.data["calibration"], "train")]),
+            "hidden states of every window, in and out": 2 * n * seq * s.hidden * a,
+            "one block's pages + layer forward": memory.block_bytes(out) + memory.inference_layer_bytes(s, a, 1, seq),
+            "logits of one window": seq * s.vocab * a}
+    parts = memory.phased(phases, state, out)
+    parts.on_device_input = 0
+    parts.loads = ("bitsandbytes",)
+    return parts
 
 
 def memory_advice(cfg: Config, state: memory.ModelState, kind: str, fits) -> list[memory.Tip]:

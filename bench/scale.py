@@ -788,9 +788,14 @@ def render(results: dict) -> str:
         if not recs:
             continue
         m = recs[0].get("machine") or {}
-        git = recs[0].get("git") or {}
+        codes: dict[str, list] = {}  # one run label may hold shapes run on different commits
+        for name, r in shapes.items():
+            git = r.get("git") or {}
+            code = f"{r.get('src')} at {(git.get('commit') or '?')[:10]}" + (" (uncommitted changes)" if git.get("dirty") else "")
+            codes.setdefault(code, []).append(name)
+        code = next(iter(codes)) if len(codes) == 1 else "; ".join(f"{', '.join(v)}: {k}" for k, v in codes.items())
         L += [f"## {label}", "",
-              f"Code: {recs[0].get('src')} at {(git.get('commit') or '?')[:10]}{' (uncommitted changes)' if git.get('dirty') else ''}. "
+              f"Code: {code}. "
               f"Machine: {m.get('cpu')}, {m.get('cores')} cores (shared), {fmt_b(m.get('ram_bytes'))} RAM, swap "
               f"{fmt_b(m.get('swap_bytes'))}, no GPU; torch {m.get('torch')}, transformers {m.get('transformers')}, "
               f"Python {m.get('python')}.", "",

@@ -270,8 +270,14 @@ class GPTQ:
         else:
             col_group = [group_of[j // gs] for j in range(cols)]
 
-        Hinv, damp_used = _cholesky_inverse_upper(H, damp_percent)
+        def rebuild() -> torch.Tensor:  # H as above, for a retry with more dampening (H itself is damped in place)
+            H = self.hessian().mul_(2.0 / self.nsamples)
+            H[dead, dead] = 1
+            return H if perm is None else H[perm][:, perm]
+
+        owned = [H]  # handed over: the Cholesky steps free it as soon as L exists
         del H
+        Hinv, damp_used = _cholesky_inverse_upper(owned, damp_percent, rebuild)
 
         # Work on W^T [cols, rows] so that a column of W is a contiguous row for the per-column updates.
         WT = W.t().contiguous()  # [cols, rows]
@@ -361,15 +367,20 @@ def _single_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def _cholesky_inverse_upper(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; doubles the dampening until H is positive definite."""
+def _cholesky_inverse_upper(owned: list, damp_percent: float, rebuild) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, H = owned.pop() (the caller keeps no reference);
+    doubles the dampening until H is positive definite. H is damped in place and let go once L exists, so at
+    most two [C, C] matrices are alive here (H then L, L then its inverse, the inverse then Hinv), beside the
+    solver's accumulated sum; a retry (rare) gets a fresh H from `rebuild`."""
+    H = owned.pop()
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
-    while damp < 1.0 + 1e-9:  # at most three [C, C] matrices alive at once: H (kept for a retry) and two more
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
+    while damp < 1.0 + 1e-9:
+        if H is None:
+            H = rebuild()
+        H.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
+        H = None
         if info.item() == 0:
             inverse = torch.cholesky_inverse(L)
             del L

@@ -218,8 +218,9 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
         if where.device_bytes is None or need <= where.device_bytes // 4:
             replay = tokens * 4 * (groups[1][0][1] + groups[3][0][1])
     # stacked W [R, C] and H [C, C]; quantize(): W clone, W^T, Q^T, codes^T, the error terms ~ 6 R*C; the
-    # accumulated H, its full copy and two Cholesky matrices ~ 4 C^2 (compress/algorithms/gptq.py)
-    solver = max(((6 * sum(o for _, _, o in grp) * grp[0][1] + 4 * grp[0][1] ** 2) * 4 for grp in groups), default=0)
+    # accumulated H and at most two more (H damped in place, then L, its inverse, Hinv) ~ 3 C^2
+    # (compress/algorithms/gptq.py)
+    solver = max(((6 * sum(o for _, _, o in grp) * grp[0][1] + 3 * grp[0][1] ** 2) * 4 for grp in groups), default=0)
     experts = _expert_solvers(lin, h)
     forward = memory.inference_layer_bytes(shape, 4, batch, seq)
     main = {"block inputs + outputs (fp32)": io}

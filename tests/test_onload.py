@@ -294,6 +294,8 @@ def test_planner_onloaded_rtn_and_cast_hold_one_block():
     assert gpu.host_peak_bytes - planner.overhead("cpu") == block + block // 2
     whole = planner.predict_stage(cast, cast.Config(dtype="bfloat16"), state, device="cpu", onload=False)
     assert whole.peak_bytes > c.peak_bytes
+    same = planner.predict_stage(cast, cast.Config(dtype="float32"), state, device="h100-80gb", onload=True)
+    assert same.breakdown["input weights"] == 0 and same.growth_bytes == 0  # nothing to cast, nothing resident
     q = planner.predict_stage(int8, int8.Config(calibration_samples=0), state, device="cpu", onload=True)
     linears = 256 * 256 * 2 + 256 * 128 * 2 + 256 * 512 * 3
     assert q.breakdown["input weights"] == 0 and q.breakdown["one block's weights paged in"] == block

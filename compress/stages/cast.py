@@ -89,7 +89,9 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     memory.require_plain(state, NAME)
     target = memory.dtype_name(cfg.dtype)
     out = dataclasses.replace(state, dtype=target)
-    if where.onload and target != state.dtype:
+    if where.onload and target == state.dtype:
+        return memory.Parts({}, 0, out, ["onloaded: already in the target dtype, nothing is cast"])
+    if where.onload:
         # cast_blockwise: one block paged in and its cast (then spilled), or the largest tensor outside the blocks
         # (the embedding, the head) cast a slab at a time into a whole new tensor; on the host, none on a device
         s = state.shape

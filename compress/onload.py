@@ -188,6 +188,9 @@ def cast_outside_spilled(model: nn.Module, layers_name: str, dtype: torch.dtype,
         own = [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None and id(t) not in done]
         if n == layers_name or n.startswith(layers_name + ".") or not own:
             continue
+        read = [t.detach() for t in own]  # the input's tensors themselves (a Parameter gets new data below)
         cast_tensors([m], dtype, buffers=buffers, keep=keep)
         spill([m], Path(scratch) / f"outside-{len(done):05d}.safetensors", parameters=True)
+        measure.page_out_mapped(read)  # the input's pages the cast read, handed back
+        del read
         done |= {id(t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}

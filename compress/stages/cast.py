@@ -73,8 +73,11 @@ def cast_blockwise(model, dtype: torch.dtype, scratch: Path) -> None:
 
     layers_name, layers = decoder_layers_with_name(model)
     for i, block in enumerate(layers):
+        originals = list(block.state_dict().values())  # the input's mapped tensors: their pages stay resident
         onload.cast_tensors(block.modules(), dtype)
         onload.spill(list(block.modules()), scratch / f"cast-{i:05d}.safetensors", parameters=True)
+        measure.page_out_mapped(originals)  # ... until handed back (the whole input otherwise, file-backed)
+        del originals
         measure.release_free_heap()
     onload.cast_outside_spilled(model, layers_name, dtype, scratch)
 

@@ -158,7 +158,7 @@ def test_onloaded_gptq_writes_the_codes_of_a_whole_model_run(tmp_path, tiny_llam
 
 @pytest.mark.parametrize("stage", ["cast: {dtype: bfloat16}", "gptq: {method: rtn, group_size: 32}",
                                    "int8: {calibration_samples: 2, seq_len: 32, threshold: 0.5}"])
-def test_onloaded_cast_and_rtn_write_the_tensors_of_a_whole_model_run(tmp_path, stage, text_file, monkeypatch):
+def test_onloaded_cast_rtn_and_int8_write_the_tensors_of_a_whole_model_run(tmp_path, stage, text_file, monkeypatch):
     """cast, RTN and LLM.int8() from the memory-mapped input, a block at a time, each block spilled to the
     scratch folder: the checkpoint of a whole-model run, tensor for tensor, tied embeddings kept tied (Gemma 3
     ties them), and the same stats (int8: outlier columns counted through the block-by-block forward)."""

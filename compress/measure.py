@@ -27,6 +27,7 @@ from typing import Any
 from compress.errors import CompressError
 
 KiB, MiB = 2**10, 2**20
+CAST_SLAB_BYTES = 64 * MiB  # onload.cast_paged casts a large tensor this much at a time (the planner counts one)
 
 # RSS noise of one CPU measurement: lazily paged-in kernel code and oneDNN scratch on first use of an op,
 # malloc arenas. Measured 4-12 MiB for a 190k-parameter model; compare predictions to measurements with

@@ -58,7 +58,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from compress import families
+from compress import families, measure
 from compress.errors import CompressError
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -513,6 +513,14 @@ def block_bytes(state: ModelState) -> int:
     s = state.shape
     outer = s.vocab * s.hidden * state.act_bytes * (1 if s.tied else 2)
     return max(0, state.weights_bytes() - outer) // max(s.layers, 1)
+
+
+def spilled_embedding_cast(state: ModelState, out: ModelState) -> dict:
+    """Terms of casting the input embedding to out's dtype a slab at a time into a whole new tensor, which is then
+    spilled to disk (onload.cast_outside_spilled): what onloaded cast and int8 hold outside the blocks."""
+    s = state.shape
+    return {f"embedding in {out.dtype} (then spilled to disk)": s.vocab * s.hidden * out.act_bytes,
+            "one slab of the input embedding": min(s.vocab * s.hidden * state.act_bytes, measure.CAST_SLAB_BYTES)}
 
 
 @lru_cache(maxsize=32)

@@ -137,18 +137,15 @@ def spill(modules: list[nn.Module], path, parameters: bool = False) -> None:
     measure.page_out_mapped([getattr(m, kind)[b] for ms in owners.values() for m, kind, b in ms])
 
 
-CAST_CHUNK_BYTES = 64 * 2**20
-
-
 def cast_paged(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype. A large CPU tensor is cast a slab of rows at a time, each source slab's pages handed back after
     (measure.page_out_mapped): a memory-mapped float32 embedding of a large vocabulary (Llama 3: 2 GiB) is then
     never resident whole next to its cast copy."""
-    small = t.numel() * t.element_size() <= CAST_CHUNK_BYTES
+    small = t.numel() * t.element_size() <= measure.CAST_SLAB_BYTES
     if t.device.type != "cpu" or t.dim() == 0 or not t.is_contiguous() or small:
         return t.to(dtype)
     out = torch.empty(t.shape, dtype=dtype)
-    rows = max(1, CAST_CHUNK_BYTES // max(t[0].numel() * t.element_size(), 1))
+    rows = max(1, measure.CAST_SLAB_BYTES // max(t[0].numel() * t.element_size(), 1))
     for s in range(0, t.shape[0], rows):
         out[s:s + rows] = t[s:s + rows]
         measure.page_out_mapped([t[s:s + rows]])

@@ -97,12 +97,9 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     if where.onload:
         # cast_blockwise: one block paged in and its cast (then spilled), or the largest tensor outside the blocks
         # (the embedding, the head) cast a slab at a time into a whole new tensor; on the host, none on a device
-        s = state.shape
         host = max({"one block's weights paged in": memory.block_bytes(state),
                     f"one block in {target} (then spilled to disk)": memory.block_bytes(out)},
-                   {f"embedding in {target} (then spilled to disk)": s.vocab * s.hidden * out.act_bytes,
-                    "one slab of the input embedding": min(s.vocab * s.hidden * state.act_bytes, 64 * memory.MiB)},
-                   key=lambda terms: sum(terms.values()))
+                   memory.spilled_embedding_cast(state, out), key=lambda terms: sum(terms.values()))
         if where.kind == "cpu":
             return memory.Parts(host, 0, out, ["onloaded: cast a block at a time, each spilled to disk"])
         return memory.Parts({}, 0, out, ["onloaded: cast on the host, a block at a time"], host=host)

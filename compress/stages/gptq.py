@@ -184,7 +184,8 @@ def predict_memory(cfg: Config, state: memory.ModelState, where: memory.Where) -
     results = sum(i * o for _, i, o in lin) * 5                     # one block's Q (fp32) + codes (int8)
     packed = memory.gptq_linear_bytes(lin, shape.layers, bits, g)          # accumulates: all of it by the last block
     cast = out.float_numel() * memory.DTYPE_BYTES[out_dtype] if out_dtype != state.dtype else 0  # at the very end
-    block_copy = shape.layer_params * 4 if state.dtype != "float32" else 0  # the block computed in fp32
+    # the block computed in fp32 (onloaded: _onloaded counts it, as the block in fp32)
+    block_copy = shape.layer_params * 4 if state.dtype != "float32" and not where.onload else 0
     # replaced weights of every block but the last, paged out by the last block (CPU: memory-mapped input)
     per_block = sum(i * o for _, i, o in lin) * memory.DTYPE_BYTES.get(state.dtype, 4) if where.kind == "cpu" else 0
     released = -per_block * (shape.layers - 1)
@@ -258,7 +259,6 @@ def _onloaded(start: dict, main: dict, block_packed: int, cast: int, out_dtype: 
     embeddings never go to the device."""
     shape = state.shape
     fp32_block = shape.layer_params * 4
-    main = {k: v for k, v in main.items() if k != "fp32 copy of one block"}  # counted once, as the block in fp32
     paged = memory.block_bytes(state)  # the mapped block's pages, read while it is moved or computed
     outer = shape.vocab * shape.hidden * state.act_bytes * (1 if shape.tied else 2)
     if where.kind == "cpu":
@@ -267,7 +267,8 @@ def _onloaded(start: dict, main: dict, block_packed: int, cast: int, out_dtype: 
             block["the block in fp32"] = fp32_block
         phases = {**({"start": start} if start else {}),
                   "block": {**main, **block, "packed block (then spilled to disk)": block_packed},
-                  "end": {f"unquantized weights in {out_dtype}": cast, "one slab of the cast": min(outer, 64 * 2**20)}}
+                  "end": {f"unquantized weights in {out_dtype}": cast,
+                          "one slab of the cast": min(outer, measure.CAST_SLAB_BYTES)}}
         parts = memory.phased(phases, state, out)
         parts.on_device_input = 0
         return parts

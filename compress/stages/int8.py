@@ -211,8 +211,7 @@ def quantize_onloaded(model, threshold: float, skip: list[str], dtype: torch.dty
         onload.cast_tensors(block.modules(), dtype, buffers=False, keep=is_int8)
         onload.spill(list(block.modules()), scratch / f"int8-{i:05d}.safetensors", parameters=True)
         _rebind_codes(block, is_int8)
-        kept = {t.data_ptr() for t in block.state_dict().values()}
-        measure.page_out_mapped([t for t in originals if t.data_ptr() not in kept])
+        measure.page_out_mapped(originals)  # the input's pages this block read
         del originals
         measure.release_free_heap()
     for n, linear in core.quantizable_linears(model, skip):  # outside the blocks: a head not skipped
@@ -304,8 +303,7 @@ def _onloaded(cfg: Config, state: memory.ModelState, out: memory.ModelState, whe
         "block": {**lib, "one block's weights paged in": memory.block_bytes(state),
                   "int8 block (then spilled to disk)": sum(i * o + 4 * o for _, i, o in lin),
                   "fp16 copy of one linear + quantize temporaries": largest * (2 + 2 + 1)},
-        "outside": {**lib, f"embedding in {out.dtype} (then spilled to disk)": s.vocab * s.hidden * a,
-                    "one slab of the input embedding": min(s.vocab * s.hidden * state.act_bytes, 64 * memory.MiB)},
+        "outside": {**lib, **memory.spilled_embedding_cast(state, out)},
     }
     if cfg.calibration_samples > 0 and where.data.get("calibration"):
         seq, n = cfg.seq_len, cfg.calibration_samples
